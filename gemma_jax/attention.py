@@ -1,0 +1,156 @@
+"""Multi-query / grouped-query / multi-head attention with RoPE, QK-norm, soft-capping, sliding
+windows, segment masks and a KV cache.
+
+Masking is by position, so one rule serves training, packed rows and cached decoding: query at
+position p sees key at position k iff k <= p, both belong to the same segment (never padding), and,
+on LOCAL layers, p - k < sliding_window.
+
+Cache layout for one layer (see `init_layer_cache`): `k, v: [B, S, K, H]` and `pos: [B, S]` (the
+position stored in each slot, -1 when the slot is empty or held padding). GLOBAL layers have S =
+cache_length and write the T new tokens at slots end_index..end_index+T-1. LOCAL layers keep a ring
+buffer of their window only (S = window): they attend over the ring plus the new chunk, then keep the
+newest S entries. All rows share slot indices, so rows of different lengths must be left-padded
+(segment id 0 on the padding): every row's newest tokens then sit in the newest slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemma_jax.config import AttentionType, ModelConfig
+from gemma_jax.layers import Einsum, RMSNorm, apply_rope, soft_cap
+
+# Large finite negative value for masked logits: fully masked rows (padding queries) stay finite.
+_MASK_VALUE = -2.3819763e38
+
+
+def layer_cache_length(config: ModelConfig, attn_type: AttentionType, cache_length: int) -> int:
+  """Slots a layer keeps: the whole cache for GLOBAL layers, at most the window for LOCAL ones."""
+  if attn_type == AttentionType.LOCAL:
+    return min(config.sliding_window, cache_length)
+  return cache_length
+
+
+def init_layer_cache(config: ModelConfig, attn_type: AttentionType, batch_size: int,
+                     cache_length: int, dtype) -> dict[str, jax.Array]:
+  """An empty cache for one layer: zero k/v and pos = -1 (no slot filled)."""
+  s = layer_cache_length(config, attn_type, cache_length)
+  shape = (batch_size, s, config.num_kv_heads, config.head_dim)
+  return {
+      'k': jnp.zeros(shape, dtype),
+      'v': jnp.zeros(shape, dtype),
+      'pos': jnp.full((batch_size, s), -1, jnp.int32),
+  }
+
+
+class Attention(nnx.Module):
+  """One attention layer; `attn_type` selects global or sliding-window (local) attention."""
+
+  def __init__(self, config: ModelConfig, attn_type: AttentionType, *, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    c = config
+    self.config = config
+    self.attn_type = attn_type
+    self.dtype = dtype
+    N, K, D, H = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    if c.fused_qkv:
+      self.qkv_einsum = Einsum((3, N, D, H), (None, 'heads', 'embed', 'head_dim'), (2,), **kw)
+    else:
+      self.q_einsum = Einsum((N, D, H), ('heads', 'embed', 'head_dim'), (1,), **kw)
+      self.kv_einsum = Einsum((2, K, D, H), (None, 'kv_heads', 'embed', 'head_dim'), (2,), **kw)
+    self.attn_vec_einsum = Einsum((N, H, D), ('heads', 'head_dim', 'embed'), (0, 1), **kw)
+    if c.use_qk_norm:
+      self._query_norm = RMSNorm(H, 'head_dim', eps=c.rms_norm_eps, param_dtype=param_dtype)
+      self._key_norm = RMSNorm(H, 'head_dim', eps=c.rms_norm_eps, param_dtype=param_dtype)
+    local = attn_type == AttentionType.LOCAL
+    self.rope_base = c.rope_base_local if local else c.rope_base_global
+    self.rope_scale = c.rope_scale_local if local else c.rope_scale_global
+    self.window = c.sliding_window if local else None
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+               cache: dict[str, jax.Array] | None = None, end_index: jax.Array | None = None,
+               ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Returns (out_BTD, new_cache). segment_ids: 0 marks padding; packed examples differ."""
+    c = self.config
+    if c.fused_qkv:
+      q_BTNH, k_BTKH, v_BTKH = self.qkv_einsum('BTD,CNDH->CBTNH', x_BTD)
+    else:
+      q_BTNH = self.q_einsum('BTD,NDH->BTNH', x_BTD)
+      k_BTKH, v_BTKH = self.kv_einsum('BTD,CKDH->CBTKH', x_BTD)
+    if c.use_qk_norm:
+      q_BTNH, k_BTKH = self._query_norm(q_BTNH), self._key_norm(k_BTKH)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, base=self.rope_base, scale=self.rope_scale)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, base=self.rope_base, scale=self.rope_scale)
+    q_BTNH = q_BTNH * jnp.asarray(c.query_scale, q_BTNH.dtype)
+
+    # Key positions of the new tokens; -1 hides padding from every query, now and later.
+    kpos_BT = jnp.where(segment_ids_BT != 0, positions_BT, -1)
+    if cache is None:
+      k_BSKH, v_BSKH, kpos_BS, new_cache = k_BTKH, v_BTKH, kpos_BT, None
+      same_segment_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    elif self.window is not None:
+      k_BSKH, v_BSKH, kpos_BS, new_cache = _ring_attend_and_update(
+          cache, k_BTKH, v_BTKH, kpos_BT, end_index)
+      same_segment_BTS = None
+    else:
+      new_cache = {
+          'k': _write(cache['k'], k_BTKH, end_index),
+          'v': _write(cache['v'], v_BTKH, end_index),
+          'pos': _write(cache['pos'], kpos_BT, end_index),
+      }
+      k_BSKH, v_BSKH, kpos_BS = new_cache['k'], new_cache['v'], new_cache['pos']
+      same_segment_BTS = None
+
+    qpos_BT1 = positions_BT[:, :, None]
+    kpos_B1S = kpos_BS[:, None, :]
+    mask_BTS = (kpos_B1S >= 0) & (kpos_B1S <= qpos_BT1)
+    if self.window is not None:
+      mask_BTS &= qpos_BT1 - kpos_B1S < self.window
+    if same_segment_BTS is not None:
+      mask_BTS &= same_segment_BTS
+
+    enc_BTNH = self._attend(q_BTNH, k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype), mask_BTS)
+    return self.attn_vec_einsum('BTNH,NHD->BTD', enc_BTNH), new_cache
+
+  def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Softmax attention with grouped heads; logits, soft-cap and softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH,
+                              preferred_element_type=jnp.float32)
+    logits_BKGTS = soft_cap(logits_BKGTS, self.config.attn_logits_soft_cap)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    enc_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
+    return enc_BTKGH.reshape(B, T, N, H)
+
+
+def _write(buf_BS_: jax.Array, new_BT_: jax.Array, end_index: jax.Array) -> jax.Array:
+  """Writes `new` into `buf` along axis 1 starting at slot end_index."""
+  start = (0, end_index) + (0,) * (buf_BS_.ndim - 2)
+  return jax.lax.dynamic_update_slice(buf_BS_, new_BT_.astype(buf_BS_.dtype), start)
+
+
+def _ring_attend_and_update(cache, k_BTKH, v_BTKH, kpos_BT, end_index):
+  """Keys for a LOCAL layer: its ring buffer followed by the new chunk; then the updated ring.
+
+  Attending over ring + chunk (rather than the updated ring) lets a chunk longer than the window
+  see all of itself. The newest min(T, S) tokens then overwrite the oldest slots.
+  """
+  S = cache['k'].shape[1]
+  T = k_BTKH.shape[1]
+  keys = (jnp.concatenate([cache['k'], k_BTKH.astype(cache['k'].dtype)], axis=1),
+          jnp.concatenate([cache['v'], v_BTKH.astype(cache['v'].dtype)], axis=1),
+          jnp.concatenate([cache['pos'], kpos_BT], axis=1))
+  m = min(T, S)
+  slots = (end_index + T - m + jnp.arange(m)) % S
+  new_cache = {
+      'k': cache['k'].at[:, slots].set(k_BTKH[:, T - m:].astype(cache['k'].dtype)),
+      'v': cache['v'].at[:, slots].set(v_BTKH[:, T - m:].astype(cache['v'].dtype)),
+      'pos': cache['pos'].at[:, slots].set(kpos_BT[:, T - m:]),
+  }
+  return (*keys, new_cache)

@@ -1,0 +1,81 @@
+"""Small building blocks shared by the modules: RMSNorm, Einsum, RoPE and soft-capping."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Logical axis names (see gemma_jax/sharding.py for how they map onto a device mesh).
+# Parameters: vocab, embed, heads, kv_heads, head_dim, mlp. A None entry is never sharded.
+LogicalAxes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: LogicalAxes) -> nnx.Param:
+  """An `nnx.Param` initialised by `init` that records its logical axes as metadata."""
+  if len(axes) != len(shape):
+    raise ValueError(f'logical axes {axes} do not match shape {tuple(shape)}')
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def fan_in_normal(fan_in_axes: Sequence[int]):
+  """Normal init with variance 1/fan_in, where fan_in is the product of the contracted axes."""
+
+  def init(key, shape, dtype):
+    fan_in = 1
+    for a in fan_in_axes:
+      fan_in *= shape[a]
+    return (jax.random.normal(key, shape, jnp.float32) * fan_in**-0.5).astype(dtype)
+
+  return init
+
+
+class Einsum(nnx.Module):
+  """A weight `w` of a given shape applied with a fixed einsum string, e.g. 'BTD,NDH->BTNH'."""
+
+  def __init__(self, shape: Sequence[int], axes: LogicalAxes, fan_in_axes: Sequence[int], *,
+               rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
+    self.w = param(rngs, fan_in_normal(fan_in_axes), shape, param_dtype, axes)
+    self.dtype = dtype
+
+  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    return jnp.einsum(eqn, x.astype(self.dtype), self.w[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+  """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32 and cast back to x's dtype."""
+
+  def __init__(self, dim: int, axis_name: str, *, eps: float = 1e-6, param_dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=(axis_name,))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, *, base: float,
+               scale: float = 1.0) -> jax.Array:
+  """Rotary embedding on the last axis, rotating its first half against its second half.
+
+  `scale` is linear RoPE scaling (positions divided by it), as Gemma 3 4B+ global layers use.
+  Angles are computed in float32.
+  """
+  head_dim = x_BTNH.shape[-1]
+  fraction = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
+  inv_freq = 1.0 / (base**fraction) / scale
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap). Identity when cap is None."""
+  if cap is None:
+    return x
+  return jnp.tanh(x / cap) * cap

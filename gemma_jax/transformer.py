@@ -1,0 +1,197 @@
+"""The Gemma decoder: Embedder, FeedForward, Block and Transformer (Flax NNX)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemma_jax.attention import Attention, init_layer_cache
+from gemma_jax.config import ModelConfig
+from gemma_jax.layers import RMSNorm, fan_in_normal, param, soft_cap
+
+Cache = dict[str, Any]  # {'end_index': int32 scalar, 'layers': [layer cache, ...]}
+
+# Remat policies accepted by Transformer(remat=...): what a block keeps for the backward pass.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Embedder(nnx.Module):
+  """Token embedding, scaled by sqrt(D) on the way in and tied to the output head."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    self.input_embedding = param(rngs, fan_in_normal((1,)), (config.vocab_size, config.embed_dim),
+                                 param_dtype, ('vocab', 'embed'))
+    self.dtype = dtype
+
+  def encode(self, tokens_BT: jax.Array) -> jax.Array:
+    x_BTD = self.input_embedding[...][tokens_BT].astype(self.dtype)
+    # The scale is cast to the compute dtype first, as the reference implementations do.
+    return x_BTD * jnp.sqrt(x_BTD.shape[-1]).astype(self.dtype)
+
+  def decode(self, x_BTD: jax.Array) -> jax.Array:
+    return jnp.einsum('BTD,VD->BTV', x_BTD, self.input_embedding[...].astype(self.dtype))
+
+
+class FeedForward(nnx.Module):
+  """GeGLU: gelu_tanh(x W_gate) * (x W_up), then W_down. gating_einsum is (2, D, F)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    D, F = config.embed_dim, config.hidden_dim
+    self.gating_einsum = param(rngs, fan_in_normal((1,)), (2, D, F), param_dtype,
+                               (None, 'embed', 'mlp'))
+    self.linear = param(rngs, fan_in_normal((0,)), (F, D), param_dtype, ('mlp', 'embed'))
+    self.dtype = dtype
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    w_2DF = self.gating_einsum[...].astype(self.dtype)
+    gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[0])
+    up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[1])
+    act_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
+    return jnp.einsum('BTF,FD->BTD', act_BTF, self.linear[...].astype(self.dtype))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: attention then feed-forward, each optionally post-normed."""
+
+  def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    c = config
+    kw = dict(eps=c.rms_norm_eps, param_dtype=param_dtype)
+    self.pre_attention_norm = RMSNorm(c.embed_dim, 'embed', **kw)
+    self.attn = Attention(c, c.attention_types[layer], rngs=rngs, dtype=dtype,
+                          param_dtype=param_dtype)
+    if c.use_post_attn_norm:
+      self.post_attention_norm = RMSNorm(c.embed_dim, 'embed', **kw)
+    self.pre_ffw_norm = RMSNorm(c.embed_dim, 'embed', **kw)
+    self.mlp = FeedForward(c, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    if c.use_post_ffw_norm:
+      self.post_ffw_norm = RMSNorm(c.embed_dim, 'embed', **kw)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None, end_index=None):
+    a_BTD, new_cache = self.attn(self.pre_attention_norm(x_BTD), positions_BT, segment_ids_BT,
+                                 cache, end_index)
+    if hasattr(self, 'post_attention_norm'):
+      a_BTD = self.post_attention_norm(a_BTD)
+    x_BTD = x_BTD + a_BTD
+    f_BTD = self.mlp(self.pre_ffw_norm(x_BTD))
+    if hasattr(self, 'post_ffw_norm'):
+      f_BTD = self.post_ffw_norm(f_BTD)
+    return x_BTD + f_BTD, new_cache
+
+
+class Transformer(nnx.Module):
+  """A Gemma 1/2/3 decoder.
+
+  `dtype` is the compute dtype; `param_dtype` the storage dtype of parameters. Norms, softmax,
+  soft-caps and the returned logits are float32. `remat` is one of REMAT_POLICIES: what each block
+  saves for the backward pass ('none' saves everything).
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32, remat: str = 'none'):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'Unknown remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}.')
+    self.config = config
+    self.dtype = dtype
+    self.remat = remat
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.embedder = Embedder(config, **kw)
+    self.layers = nnx.List([Block(config, i, **kw) for i in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.embed_dim, 'embed', eps=config.rms_norm_eps,
+                              param_dtype=param_dtype)
+
+  def __call__(self, tokens_BT: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: Cache | None = None,
+               ) -> tuple[jax.Array, Cache | None]:
+    """tokens [B,T] -> (logits [B,T,V] float32, updated cache or None).
+
+    positions default to arange(T) (required with a cache: the true position of each token);
+    segment_ids default to all ones; 0 marks padding, distinct ids separate packed examples.
+    """
+    B, T = tokens_BT.shape
+    if positions is None:
+      if cache is not None:
+        raise ValueError('Transformer: pass explicit `positions` when decoding with a cache.')
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is None:
+      segment_ids = jnp.ones((B, T), jnp.int32)
+    end_index = None if cache is None else cache['end_index']
+
+    block_fn = Block.__call__
+    if REMAT_POLICIES[self.remat] is not None:
+      block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
+
+    x_BTD = self.embedder.encode(tokens_BT)
+    new_layer_caches = []
+    for i, block in enumerate(self.layers):
+      layer_cache = None if cache is None else cache['layers'][i]
+      x_BTD, layer_cache = block_fn(block, x_BTD, positions, segment_ids, layer_cache, end_index)
+      new_layer_caches.append(layer_cache)
+    x_BTD = self.final_norm(x_BTD)
+    logits_BTV = soft_cap(self.embedder.decode(x_BTD).astype(jnp.float32),
+                          self.config.final_logit_soft_cap)
+    new_cache = None
+    if cache is not None:
+      new_cache = {'end_index': cache['end_index'] + T, 'layers': new_layer_caches}
+    return logits_BTV, new_cache
+
+  def init_cache(self, batch_size: int, cache_length: int, dtype=None) -> Cache:
+    """An empty KV cache for `batch_size` rows of up to `cache_length` tokens (dtype: compute)."""
+    dtype = dtype or self.dtype
+    return {
+        'end_index': jnp.zeros((), jnp.int32),
+        'layers': [init_layer_cache(self.config, t, batch_size, cache_length, dtype)
+                   for t in self.config.attention_types],
+    }
+
+
+def count_params(model_or_state) -> int:
+  """Number of parameter elements (works on abstract `nnx.eval_shape` models too)."""
+  state = nnx.state(model_or_state, nnx.Param)
+  return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+def param_name(path: tuple) -> str:
+  """('layers', 0, 'attn', 'q_einsum', 'w') -> 'layers.0.attn.q_einsum.w'."""
+  return '.'.join(str(p) for p in path)
+
+
+def flat_params(model: Transformer) -> dict[str, jax.Array]:
+  """Parameters by dotted name, e.g. {'layers.0.attn.q_einsum.w': array, ...}."""
+  return {param_name(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def model_from_params(config: ModelConfig, params: dict[str, Any], *, dtype=jnp.float32,
+                      param_dtype=None, remat: str = 'none', source: str = 'params') -> Transformer:
+  """Builds a Transformer from arrays keyed by dotted name (see `flat_params`), without random init.
+
+  Every expected name must be present with exactly the expected shape, and nothing else may be:
+  errors name `source` (a file or directory) and the offending key.
+  """
+  param_dtype = param_dtype or dtype
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                param_dtype=param_dtype, remat=remat))
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  expected = {param_name(p) for p, v in flat if isinstance(v, nnx.Param)}
+  unexpected = sorted(set(params) - expected)
+  if unexpected:
+    raise ValueError(f'{source}: unexpected parameters {unexpected[:5]} for model {config.name!r}.')
+  for path, var in flat:
+    if not isinstance(var, nnx.Param):
+      continue
+    name = param_name(path)
+    if name not in params:
+      raise ValueError(f'{source}: missing parameter {name!r} (expected shape {var.shape}).')
+    value = params[name]
+    if tuple(value.shape) != tuple(var.shape):
+      raise ValueError(f'{source}: parameter {name!r} has shape {tuple(value.shape)}, '
+                       f'expected {tuple(var.shape)} for model {config.name!r}.')
+    var.set_value(jnp.asarray(value, param_dtype))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
