@@ -35,7 +35,7 @@ def _open(path_or_reader):
   """Returns (reader, name for messages)."""
   import gguf  # Deferred: only GGUF import paths need the package.
   if isinstance(path_or_reader, gguf.GGUFReader):
-    return path_or_reader, os.fspath(getattr(path_or_reader, 'path', '<GGUFReader>'))
+    return path_or_reader, str(getattr(path_or_reader.data, 'filename', None) or '<GGUFReader>')
   path = os.fspath(path_or_reader)
   if not os.path.isfile(path):
     raise ValueError(f'{path}: GGUF file not found')
@@ -80,7 +80,17 @@ def sentencepiece_model_from_gguf(path_or_reader) -> bytes:
   Raises ValueError (naming the file) for a non-GGUF file, a non-SentencePiece tokenizer or
   missing/inconsistent tokenizer metadata.
   """
+  return _model_proto(*_open(path_or_reader))
+
+
+def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
+  """A `Tokenizer` rebuilt from a GGUF file's tokenizer metadata (a path or a `gguf.GGUFReader`;
+  pass the reader you already have: parsing the metadata of a Gemma 3 file takes ~10 s)."""
   reader, name = _open(path_or_reader)
+  return Tokenizer(_model_proto(reader, name), source=name)
+
+
+def _model_proto(reader, name) -> bytes:
   model = _field(reader, name, 'tokenizer.ggml.model')
   kind = bytes(model.parts[model.data[0]]).decode()
   if kind != 'llama':
@@ -153,7 +163,3 @@ def sentencepiece_model_from_gguf(path_or_reader) -> bytes:
   normalizer.escape_whitespaces = True
   return proto.SerializeToString()
 
-
-def tokenizer_from_gguf(path) -> Tokenizer:
-  """A `Tokenizer` rebuilt from a GGUF file's tokenizer metadata."""
-  return Tokenizer(sentencepiece_model_from_gguf(path), source=os.fspath(path))

@@ -1,0 +1,373 @@
+"""Tests for gemma_jax.tokenizer and gemma_jax.convert.gguf_tokenizer.
+
+The reference is transformers' own tokenizer rebuilt from the same GGUF file. One documented
+difference is excluded from the id comparison: runs of 32 or more spaces (transformers' rebuilt
+BPE splits them differently from SentencePiece's longest-match on the user-defined space pieces;
+both decode to the same text, which test_roundtrip checks).
+"""
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from gemma_jax.convert.gguf_tokenizer import sentencepiece_model_from_gguf, tokenizer_from_gguf
+from gemma_jax.tokenizer import Tokenizer
+
+_SP = sp_pb2.ModelProto.SentencePiece
+
+PARITY_STRINGS = [
+    '',
+    'Hello world',
+    'Hello, world! How are you today?',
+    ' leading space',
+    '  two leading spaces',
+    'trailing spaces   ',
+    'The quick brown fox jumps over the lazy dog.',
+    'def add(a, b):\n    return a + b\n',
+    'for (int i = 0; i < n; ++i) {\n\tsum += x[i];\n}',
+    '{"key": [1, 2, 3], "nested": {"a": null}}',
+    '3.14159 2718281828 1,000,000 +42 -7 0x1F',
+    'year 2024, 12:30:59, 1e-6',
+    'a  b   c    d     e',
+    '1 space, 2  spaces, 8        spaces, 31' + ' ' * 31 + 'end',
+    'line1\nline2\n\nline4\n\n\n\nline8',
+    '\n\n\n',
+    '\t\ttabs\tand\t\t\tmore',
+    'windows\r\nline endings\r\n',
+    '안녕하세요, 세계! 젬마는 오픈 모델입니다.',
+    'Gemma 모델 아키텍처는 multi-query attention을 사용합니다.',
+    '日本語のテキストと中文文本',
+    'Привет, мир! Ελληνικά',
+    'مرحبا بالعالم',
+    'café naïve résumé Ångström façade São Paulo',
+    'e\u0301 (combining accent) vs \u00e9',
+    'emoji 😀🎉👍🏽 family 👨‍👩‍👧‍👦 flags 🇰🇷🇺🇸',
+    'rare chars: \u2603 \U0001F9EA \u0000 \u007f \u200b zero-width',
+    'math: ∑ x² ≤ ∞, α β γ',
+    '<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n',
+    'text with <start_of_turn> inside and <end_of_turn> too',
+    '<bos>starts with bos, ends with eos<eos>',
+    '<pad><unk><mask> and <unused0> <unused6241>',
+    '[multimodal] <start_of_image> <table><tr><td>x</td></tr></table>',
+    '<start_of_turnx> <end_of_turn almost special',
+    'HTML <b>bold</b> <i>it</i> <code>x</code>',
+    'URL https://example.com/path?q=1&r=2#frag',
+    'ALL CAPS AND MiXeD cAsE',
+    'repeated aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa',
+    '▁ literal lower one eighth block ▁▁',
+]
+# Texts whose ids may differ from transformers (see module docstring) but must roundtrip.
+ROUNDTRIP_ONLY = [
+    'a' + ' ' * 32 + 'b',
+    'x' + ' ' * 100 + 'y',
+    ' ' * 64,
+]
+
+
+@pytest.fixture(scope='session')
+def hf_tokenizer(gguf_path):
+  transformers = pytest.importorskip('transformers')
+  return transformers.AutoTokenizer.from_pretrained(
+      str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture
+def tok(gguf_tokenizer):
+  return gguf_tokenizer
+
+
+# Parity with transformers and roundtrips on the real Gemma 3 tokenizer.
+
+def test_ids_match_transformers(tok, hf_tokenizer):
+  assert len(PARITY_STRINGS) >= 30
+  for s in PARITY_STRINGS:
+    want = hf_tokenizer.encode(s, add_special_tokens=True)
+    assert tok.encode(s) == want, s
+    assert tok.encode(s, add_bos=False) == want[1:], s
+
+
+def test_roundtrip(tok):
+  for s in PARITY_STRINGS + ROUNDTRIP_ONLY:
+    if any(p in s for p in ('<bos>', '<eos>', '<pad>', '\u2581')):
+      continue  # Framing tokens are dropped by decode; U+2581 is SentencePiece's space (below).
+    assert tok.decode(tok.encode(s)) == s, s
+    assert tok.decode(tok.encode(s, add_bos=False)) == s, s
+
+
+def test_literal_u2581_decodes_as_space(tok, hf_tokenizer):
+  # SentencePiece (and transformers' rebuilt tokenizer) cannot tell a literal U+2581 from the
+  # escaped space; both decode it as ' '.
+  s = '\u2581x \u2581'
+  assert tok.decode(tok.encode(s)) == ' x  '
+  assert hf_tokenizer.decode(hf_tokenizer.encode(s), skip_special_tokens=True) == ' x  '
+
+
+def test_long_space_runs_are_the_documented_difference(tok, hf_tokenizer):
+  s = 'a' + ' ' * 40 + 'b'
+  ids = tok.encode(s)
+  assert tok.id_to_piece(ids[2]) == '\u2581' * 31  # Longest user-defined space piece first.
+  assert hf_tokenizer.decode(hf_tokenizer.encode(s), skip_special_tokens=True) == s
+
+
+def test_special_ids_looked_up_by_piece(tok):
+  assert tok.vocab_size == 262144
+  assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
+  assert (tok.start_of_turn_id, tok.end_of_turn_id) == (105, 106)  # Gemma 3 vocabulary.
+  assert tok.piece_to_id('<start_of_turn>') == 105
+  with pytest.raises(ValueError, match='no piece'):
+    tok.piece_to_id('<no such piece>')
+
+
+def test_control_tokens_in_text(tok):
+  ids = tok.encode('<start_of_turn>user\nhi<end_of_turn><eos><bos><unk><pad>', add_bos=False)
+  assert ids[0] == tok.start_of_turn_id
+  assert ids[-6:] == [tok.piece_to_id('hi'), tok.end_of_turn_id, tok.eos_id, tok.bos_id,
+                      tok.unk_id, tok.pad_id]
+
+
+def test_decode_drops_framing_tokens_only(tok):
+  ids = [tok.bos_id] + tok.encode('Hi<end_of_turn>', add_bos=False) + [tok.eos_id, tok.pad_id]
+  assert tok.decode(ids) == 'Hi<end_of_turn>'
+  assert tok.decode(np.array(ids, np.int32)) == 'Hi<end_of_turn>'
+  assert tok.decode([tok.unk_id]) == '<unk>'
+  with pytest.raises(ValueError, match='out of range'):
+    tok.decode([tok.vocab_size])
+
+
+def test_byte_fallback(tok):
+  # A character absent from the vocabulary is spelled as its UTF-8 bytes, not <unk>.
+  s = '\U000E0041'  # A tag character.
+  ids = tok.encode(s, add_bos=False)
+  assert [tok.id_to_piece(i) for i in ids] == ['<0xF3>', '<0xA0>', '<0x81>', '<0x81>']
+  assert tok.decode(ids) == s
+
+
+def test_save_and_reload(tok, tmp_path):
+  path = tmp_path / 'tokenizer.model'
+  tok.save(path)
+  again = Tokenizer(path)
+  assert again.vocab_size == tok.vocab_size
+  for s in PARITY_STRINGS[:10] + PARITY_STRINGS[-12:]:
+    assert again.encode(s) == tok.encode(s)
+  plain = spm.SentencePieceProcessor(model_file=str(path))  # A standard .model file.
+  assert plain.bos_id() == tok.bos_id and plain.eos_id() == tok.eos_id
+  assert plain.encode('Hello world') == tok.encode('Hello world', add_bos=False)
+
+
+def test_rebuilt_model_proto(gguf_tokenizer):
+  proto = sp_pb2.ModelProto.FromString(gguf_tokenizer.serialized_model_proto())
+  types = np.array([p.type for p in proto.pieces])
+  assert (types == _SP.UNKNOWN).sum() == 1 and proto.pieces[3].piece == '<unk>'
+  assert [i for i in np.flatnonzero(types == _SP.CONTROL)] == [0, 1, 2]
+  assert (types == _SP.BYTE).sum() == 256
+  assert proto.pieces[105].type == _SP.USER_DEFINED  # So '<start_of_turn>' in text matches.
+  assert proto.pieces[138].piece == '\u2581\u2581'  # GGUF stores this one as '  '.
+  assert not any(' ' in p.piece for p in proto.pieces)
+  assert proto.trainer_spec.model_type == sp_pb2.TrainerSpec.BPE
+  assert proto.trainer_spec.byte_fallback
+  norm = proto.normalizer_spec
+  assert (norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces) == (
+      'identity', False, False)
+
+
+# Errors.
+
+def test_not_a_gguf_file(tmp_path):
+  path = tmp_path / 'model.gguf'
+  path.write_bytes(b'not a gguf file at all')
+  with pytest.raises(ValueError, match='model.gguf.*not a GGUF'):
+    sentencepiece_model_from_gguf(path)
+  with pytest.raises(ValueError, match='not found'):
+    tokenizer_from_gguf(tmp_path / 'missing.gguf')
+
+
+def _write_gguf(path, tokens=None, types=None, unk=3):
+  gguf = pytest.importorskip('gguf')
+  writer = gguf.GGUFWriter(str(path), arch='gemma3')
+  if tokens is not None:
+    writer.add_tokenizer_model('llama')
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_pad_token_id(0)
+    if unk is not None:
+      writer.add_unk_token_id(unk)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def test_gguf_without_tokenizer(tmp_path):
+  path = tmp_path / 'no_tokenizer.gguf'
+  _write_gguf(path)
+  with pytest.raises(ValueError, match='no_tokenizer.gguf.*tokenizer.ggml.model'):
+    tokenizer_from_gguf(path)
+
+
+def _tiny_vocab(with_turns=True):
+  tokens = ['<pad>', '<eos>', '<bos>', '<unk>']
+  types = [3, 3, 3, 3]
+  if with_turns:
+    tokens += ['<start_of_turn>', '<end_of_turn>']
+    types += [3, 3]
+  tokens += ['\n', '  '] + [f'<0x{b:02X}>' for b in range(256)] + ['▁', 'a', 'b', 'ab']
+  types += [4, 4] + [6] * 256 + [1, 1, 1, 1]
+  return tokens, types
+
+
+def test_tiny_gguf_tokenizer(tmp_path):
+  path = tmp_path / 'tiny.gguf'
+  _write_gguf(path, *_tiny_vocab())
+  tok = tokenizer_from_gguf(path)
+  assert tok.vocab_size == 268
+  assert (tok.start_of_turn_id, tok.end_of_turn_id, tok.unk_id) == (4, 5, 3)
+  ids = tok.encode('<start_of_turn>ab  a\nz', add_bos=False)
+  assert [tok.id_to_piece(i) for i in ids] == [
+      '<start_of_turn>', 'ab', '▁▁', 'a', '\n', '<0x7A>']
+  assert tok.decode(ids) == '<start_of_turn>ab  a\nz'
+
+
+def test_missing_required_piece(tmp_path):
+  path = tmp_path / 'noturns.gguf'
+  _write_gguf(path, *_tiny_vocab(with_turns=False))
+  with pytest.raises(ValueError, match="noturns.gguf.*'<start_of_turn>'"):
+    tokenizer_from_gguf(path)
+
+
+def test_bad_unknown_token(tmp_path):
+  tokens, types = _tiny_vocab()
+  types[3] = 2
+  types[-1] = 2  # A second UNKNOWN-typed token.
+  path = tmp_path / 'twounk.gguf'
+  _write_gguf(path, tokens, types)
+  with pytest.raises(ValueError, match='twounk.gguf.*exactly one unknown'):
+    tokenizer_from_gguf(path)
+
+
+def test_bad_model_file(tmp_path):
+  path = tmp_path / 'bad.model'
+  path.write_bytes(b'garbage')
+  with pytest.raises(ValueError, match='bad.model'):
+    Tokenizer(path)
+  with pytest.raises(ValueError, match='not found'):
+    Tokenizer(tmp_path / 'missing.model')
+
+
+# Chat format.
+
+CONVERSATION = [
+    {'role': 'user', 'content': 'What is a good place for travel in the US?'},
+    {'role': 'model', 'content': 'California.'},
+    {'role': 'user', 'content': 'What can I do in California?'},
+]
+
+
+def test_format_chat_multi_turn(tok):
+  assert tok.format_chat(CONVERSATION) == (
+      '<start_of_turn>user\nWhat is a good place for travel in the US?<end_of_turn>\n'
+      '<start_of_turn>model\nCalifornia.<end_of_turn>\n'
+      '<start_of_turn>user\nWhat can I do in California?<end_of_turn>\n'
+      '<start_of_turn>model\n')
+  closed = CONVERSATION[:2]
+  assert tok.format_chat(closed, add_generation_prompt=False).endswith(
+      '<start_of_turn>model\nCalifornia.<end_of_turn>\n')
+
+
+def test_format_chat_system_and_assistant_alias(tok):
+  messages = [
+      {'role': 'system', 'content': 'Answer the following question in a concise and '
+                                    'informative manner:'},
+      {'role': 'user', 'content': 'Explain why the sky is blue'},
+      {'role': 'assistant', 'content': 'Rayleigh scattering.'},
+  ]
+  assert tok.format_chat(messages, add_generation_prompt=False) == (
+      '<start_of_turn>user\nAnswer the following question in a concise and informative manner:'
+      '\n\nExplain why the sky is blue<end_of_turn>\n'
+      '<start_of_turn>model\nRayleigh scattering.<end_of_turn>\n')
+
+
+@pytest.mark.parametrize('messages, match', [
+    ([], 'at least one user'),
+    ([{'role': 'system', 'content': 'x'}], 'at least one user'),
+    ([{'role': 'model', 'content': 'x'}], "'user' was expected"),
+    ([{'role': 'user', 'content': 'x'}, {'role': 'user', 'content': 'y'}], 'alternate'),
+    ([{'role': 'user', 'content': 'x'}, {'role': 'system', 'content': 'y'}], 'only allowed first'),
+    ([{'role': 'tool', 'content': 'x'}], "role 'tool'"),
+    ([{'role': 'user'}], r'messages\[0\] must be a dict'),
+    ([{'role': 'user', 'content': ['x']}], 'must be a str'),
+])
+def test_format_chat_errors(tok, messages, match):
+  with pytest.raises(ValueError, match=match):
+    tok.format_chat(messages)
+  with pytest.raises(ValueError, match=match):
+    tok.encode_chat(messages)
+
+
+def test_generation_prompt_needs_user_last(tok):
+  with pytest.raises(ValueError, match='last message'):
+    tok.format_chat(CONVERSATION[:2], add_generation_prompt=True)
+  with pytest.raises(ValueError, match='last message'):
+    tok.encode_chat(CONVERSATION[:2], add_generation_prompt=True)
+
+
+CHATS = [
+    CONVERSATION[:2],
+    CONVERSATION + [{'role': 'assistant', 'content': 'Visit Yosemite.\n\nOr surf.  '}],
+    [{'role': 'system', 'content': 'You are a helpful 2nd-grade teacher.'},
+     {'role': 'user', 'content': '하늘은 왜 파란가요? 🙂'},
+     {'role': 'model', 'content': 'def f(x):\n    return x  # 코드'}],
+    [{'role': 'user', 'content': 'say <start_of_turn> literally'},
+     {'role': 'model', 'content': 'ok: <end_of_turn> and <eos>'}],
+    [{'role': 'user', 'content': ''}, {'role': 'model', 'content': ''}],
+]
+
+
+@pytest.mark.parametrize('gen', [False, True])
+def test_encode_chat_equals_encode_of_format_chat(tok, gen):
+  for messages in CHATS + [CONVERSATION]:
+    if gen and messages[-1]['role'] != 'user':
+      messages = messages[:-1]
+    ids, mask = tok.encode_chat(messages, add_generation_prompt=gen)
+    assert ids == tok.encode(tok.format_chat(messages, add_generation_prompt=gen))
+    assert len(mask) == len(ids)
+    if gen:
+      assert not any(mask[-3:])
+
+
+def test_encode_chat_mask_covers_model_turns(tok):
+  for messages in CHATS:
+    ids, mask = tok.encode_chat(messages)
+    targets = [i for i, m in zip(ids, mask) if m]
+    model_turns = [m['content'] for m in messages if m['role'] in ('model', 'assistant')]
+    want = []
+    for content in model_turns:
+      want += tok.encode(content, add_bos=False) + [tok.end_of_turn_id]
+    assert targets == want
+    # Everything else (BOS, headers, user turns, newlines after <end_of_turn>) is masked out.
+    assert not mask[0] and ids[0] == tok.bos_id
+    assert sum(mask) == len(want)
+    if not any('<end_of_turn>' in m['content'] for m in messages):
+      eot = [k for k, i in enumerate(ids) if i == tok.end_of_turn_id]
+      assert [mask[k] for k in eot] == [i % 2 == 1 for i in range(len(eot))]
+
+
+def test_encode_chat_is_prefix_stable(tok):
+  # Extending a conversation only appends ids, so a chat session can keep its KV cache.
+  short, _ = tok.encode_chat(CONVERSATION, add_generation_prompt=True)
+  longer, _ = tok.encode_chat(CHATS[1])
+  assert longer[:len(short)] == short
+
+
+def test_encode_chat_leading_newline_is_encoded_separately(tok):
+  # Documented exception to equality with encode(format_chat): the header's '\n' and a content's
+  # leading '\n' would merge into '\n\n'; encode_chat keeps the header's token, as a sampler does.
+  messages = [{'role': 'user', 'content': 'hi'}, {'role': 'model', 'content': '\nyes'}]
+  ids, mask = tok.encode_chat(messages)
+  assert tok.decode(ids) == tok.format_chat(messages, add_generation_prompt=False)
+  header = tok.encode('<start_of_turn>model\n', add_bos=False)
+  k = len(tok.encode_chat(messages[:1])[0])
+  assert ids[k:k + len(header)] == header and not any(mask[k:k + len(header)])
