@@ -9,8 +9,9 @@
 Sources. `source='jsonl'`: one JSON object per line, either
 `{"messages": [{"role": "user"|"model"|"assistant"|"system", "content": str}, ...]}` or
 `{"prompt": str, "response": str}` (a user turn then a model turn). The file is read and checked
-when the dataset is made: a malformed line, an unknown role or an example without a model turn
-raises ValueError naming `file:line`. `source='tfds'`: a prepared TFDS dataset read through
+when the dataset is made: a malformed line, an unknown role, turns that do not alternate
+(optional system message, then user, model, user, ..) or an example without a model turn raise
+ValueError naming `file:line`. `source='tfds'`: a prepared TFDS dataset read through
 `tfds.data_source` (array_record files, TensorFlow not needed); field names come from the config;
 bad records raise ValueError naming the dataset, split and record index when they are read.
 
@@ -21,13 +22,14 @@ targets = ids[1:], loss_mask = mask[1:], so a target is always the next token of
 Length policy. An example with more than seq_len positions is either truncated to its first
 seq_len positions (`truncate='truncate'`, the default) or dropped (`truncate='drop'`). An example
 left with no response token after truncation is dropped under either policy. Both are counted in
-`iterator.stats` (since the iterator's start, restored with its state).
+`iterator.stats`: examples read by this process since the iterator started (including the few the
+packer has read ahead), truncated, dropped; the counts are part of the iterator state.
 
 Batches (all [B, T] numpy): 'tokens' int32, 'targets' int32, 'loss_mask' float32 (1 where the
 target is a response token), 'positions' int32 (restart at 0 per example), 'segment_ids' int32
 (1, 2, .. per example in a row, 0 = padding; padding also has loss_mask 0). With `packing=True`
-examples are first-fit packed into rows (grain's FirstFitPackIterDataset, B bins at a time);
-with `packing=False` each row holds one example.
+examples are first-fit packed into rows (grain's FirstFitPackIterDataset over max(B, 16) open
+rows, in the shuffled order); with `packing=False` each row holds one example.
 
 Order. split='train': each process takes records `process_index::process_count` of the source,
 shuffles them with `seed` (a new order each epoch) and repeats forever. split='eval': one pass in
@@ -280,11 +282,10 @@ class _CounterIterator(grain.DatasetIterator):
 class SFTIterator(grain.DatasetIterator):
   """Yields training batches; `get_state`/`set_state` checkpoint it, `stats` counts examples."""
 
-  def __init__(self, parent: grain.DatasetIterator, stats: dict[str, int], batch_size: int,
-               seq_len: int):
+  def __init__(self, parent: grain.DatasetIterator, stats: dict[str, int], batch_size: int):
     super().__init__(parent)
     self._counts = stats
-    self._batch_size, self._seq_len = batch_size, seq_len
+    self._batch_size = batch_size
 
   @property
   def stats(self) -> dict[str, int]:
@@ -331,7 +332,7 @@ class SFTDataset(grain.IterDataset):
         num_packing_bins=max(self.batch_size, _MIN_PACKING_BINS), shuffle_bins=False,
         meta_features=('targets', 'loss_mask'),
         max_sequences_per_bin=None if self.config['packing'] else 1)
-    return SFTIterator(iter(rows.batch(self.batch_size)), stats, self.batch_size, self.seq_len)
+    return SFTIterator(iter(rows.batch(self.batch_size)), stats, self.batch_size)
 
 
 def make_dataset(data_config: Mapping[str, Any], tokenizer, *, seq_len: int, batch_size: int,
