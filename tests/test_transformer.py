@@ -1,0 +1,118 @@
+"""Properties of the decoder: causality, packing, cache == no cache, remat == no remat, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gemma_jax.config import get_preset
+from gemma_jax.transformer import Transformer, flat_params, model_from_params
+
+TINY = ['tiny-gemma1', 'tiny-gemma2', 'tiny-gemma3']
+
+
+def _model(name, **kw):
+  return Transformer(get_preset(name), rngs=nnx.Rngs(0), **kw)
+
+
+def _tokens(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(4, 512, shape), jnp.int32)
+
+
+@pytest.mark.parametrize('name', TINY)
+def test_causality(name):
+  model = _model(name)
+  tokens = _tokens((2, 20))
+  base, _ = model(tokens)
+  t = 11
+  changed, _ = model(tokens.at[:, t].set((tokens[:, t] + 7) % 512))
+  np.testing.assert_array_equal(base[:, :t], changed[:, :t])
+  assert not np.allclose(base[:, t:], changed[:, t:])
+
+
+@pytest.mark.parametrize('name', TINY)
+def test_packed_row_equals_sequences_alone(name):
+  model = _model(name)
+  a, b = _tokens((1, 13), 1), _tokens((1, 9), 2)
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 2), jnp.int32)], axis=1)
+  positions = jnp.concatenate([jnp.arange(13), jnp.arange(9), jnp.zeros(2, int)])[None]
+  segments = jnp.asarray([[1] * 13 + [2] * 9 + [0] * 2])
+  logits, _ = model(packed, positions=positions, segment_ids=segments)
+  np.testing.assert_allclose(logits[:, :13], model(a)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[:, 13:22], model(b)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', TINY)
+@pytest.mark.parametrize('prefill', [5, 13])  # 13 > window 8: a chunk longer than the ring
+def test_cached_decoding_equals_full_forward(name, prefill):
+  """Left-padded rows, prefill then one token at a time past several ring-buffer wraps."""
+  model = _model(name)
+  total, pad = 30, 3
+  tokens = _tokens((2, total))
+  full0, _ = model(tokens[:1, pad:])  # row 0 is left-padded by `pad`, so shorter
+  full1, _ = model(tokens[1:])
+  segments = jnp.ones((2, total), jnp.int32).at[0, :pad].set(0)
+  positions = jnp.stack([jnp.maximum(jnp.arange(total) - pad, 0), jnp.arange(total)])
+  cache = model.init_cache(2, cache_length=total)
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda st, t, p, s, c: nnx.merge(graphdef, st)(t, p, s, c))
+  got = []
+  for start, end in [(0, prefill)] + [(i, i + 1) for i in range(prefill, total)]:
+    logits, cache = step(state, tokens[:, start:end], positions[:, start:end],
+                         segments[:, start:end], cache)
+    got.append(logits)
+  got = jnp.concatenate(got, axis=1)
+  assert int(cache['end_index']) == total
+  np.testing.assert_allclose(got[0, pad:], full0[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1], full1[0], rtol=1e-5, atol=1e-5)
+
+
+def test_local_layers_keep_only_their_window():
+  model = _model('tiny-gemma3')
+  cache = model.init_cache(1, cache_length=64)
+  sizes = [c['k'].shape[1] for c in cache['layers']]
+  assert sizes == [8, 8, 8, 8, 8, 64]
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots'])
+def test_remat_equals_no_remat(policy):
+  tokens = _tokens((2, 12))
+
+  def loss_and_grads(model):
+    def loss(m):
+      return jnp.mean(m(tokens)[0] ** 2)
+    return nnx.value_and_grad(loss)(model)
+
+  ref_loss, ref_grads = loss_and_grads(_model('tiny-gemma2'))
+  loss, grads = loss_and_grads(_model('tiny-gemma2', remat=policy))
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_params_carry_logical_axes():
+  model = _model('tiny-gemma3')
+  names = {'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', None}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = var.get_metadata()['logical_axes']
+    assert len(axes) == var.get_value().ndim and set(axes) <= names, path
+
+
+def test_model_from_params_names_bad_keys():
+  model = _model('tiny-gemma1')
+  params = flat_params(model)
+  bad = dict(params)
+  del bad['layers.1.mlp.linear']
+  with pytest.raises(ValueError, match=r"ckpt: missing parameter 'layers.1.mlp.linear'"):
+    model_from_params(model.config, bad, source='ckpt')
+  bad = {**params, 'layers.0.mlp.linear': np.zeros((3, 3))}
+  with pytest.raises(ValueError, match=r"'layers.0.mlp.linear' has shape \(3, 3\), expected"):
+    model_from_params(model.config, bad, source='ckpt')
+  with pytest.raises(ValueError, match='unexpected parameters'):
+    model_from_params(model.config, {**params, 'extra.w': np.zeros(1)}, source='ckpt')
+
+
+def test_unknown_remat_policy():
+  with pytest.raises(ValueError, match='remat policy'):
+    _model('tiny-gemma1', remat='most')
