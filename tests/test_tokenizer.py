@@ -371,3 +371,29 @@ def test_encode_chat_leading_newline_is_encoded_separately(tok):
   header = tok.encode('<start_of_turn>model\n', add_bos=False)
   k = len(tok.encode_chat(messages[:1])[0])
   assert ids[k:k + len(header)] == header and not any(mask[k:k + len(header)])
+
+
+def test_control_pieces_of_a_plain_model_match_in_text():
+  # A .model file may mark <start_of_turn> and many <unusedN> as CONTROL, which SentencePiece
+  # never matches in text; Tokenizer matches them itself (longest piece wins) and decodes them.
+  proto = sp_pb2.ModelProto()
+  specials = ['<pad>', '<eos>', '<bos>', '<unk>', '<start_of_turn>', '<end_of_turn>']
+  specials += [f'<unused{i}>' for i in range(3000)]
+  for k, piece in enumerate(specials):
+    proto.pieces.add(piece=piece, score=0.0, type=_SP.UNKNOWN if k == 3 else _SP.CONTROL)
+  for b in range(256):
+    proto.pieces.add(piece=f'<0x{b:02X}>', score=0.0, type=_SP.BYTE)
+  for k, piece in enumerate(['▁', 'a', 'b', 'ab']):
+    proto.pieces.add(piece=piece, score=-float(k), type=_SP.NORMAL)
+  proto.trainer_spec.model_type = sp_pb2.TrainerSpec.BPE
+  proto.trainer_spec.byte_fallback = True
+  proto.normalizer_spec.name = 'identity'
+  proto.normalizer_spec.add_dummy_prefix = False
+  tok = Tokenizer(proto.SerializeToString(), source='plain.model')
+  assert (tok.start_of_turn_id, tok.end_of_turn_id) == (4, 5)
+  text = '<start_of_turn>ab<unused12><unused1><unused12x<end_of_turn>'
+  ids = tok.encode(text, add_bos=False)
+  assert ids[:4] == [4, tok.piece_to_id('ab'), tok.piece_to_id('<unused12>'),
+                     tok.piece_to_id('<unused1>')]
+  assert ids[-1] == 5
+  assert tok.decode(ids) == text
