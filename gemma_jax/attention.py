@@ -15,12 +15,18 @@ newest S entries. All rows share slot indices, so rows of different lengths must
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gemma_jax.config import AttentionType, ModelConfig
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, soft_cap
+
+# Which attention kernel serves uncached forwards (training, scoring): 'auto' takes cuDNN flash
+# attention on GPU where it applies (no logit soft-cap, 16-bit compute) and XLA elsewhere.
+ATTENTION_IMPL = os.environ.get('GEMMA_JAX_ATTENTION', 'auto')
 
 # Large finite negative value for masked logits: fully masked rows (padding queries) stay finite.
 _MASK_VALUE = -2.3819763e38
@@ -112,8 +118,26 @@ class Attention(nnx.Module):
     if same_segment_BTS is not None:
       mask_BTS &= same_segment_BTS
 
-    enc_BTNH = self._attend(q_BTNH, k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype), mask_BTS)
+    k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
+    if cache is None and self._use_cudnn():
+      # Causality and the window by index; equal to the position rule for packed rows, whose
+      # positions count up from 0 within each segment. Padding (segment 0) attends only to padding.
+      enc_BTNH = jax.nn.dot_product_attention(
+          q_BTNH, k_BSKH, v_BSKH, mask=same_segment_BTS[:, None], scale=1.0, is_causal=True,
+          local_window_size=None if self.window is None else (self.window - 1, 0),
+          implementation='cudnn')
+    else:
+      enc_BTNH = self._attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     return self.attn_vec_einsum('BTNH,NHD->BTD', enc_BTNH), new_cache
+
+  def _use_cudnn(self) -> bool:
+    if ATTENTION_IMPL == 'xla':
+      return False
+    eligible = (jax.default_backend() == 'gpu' and self.config.attn_logits_soft_cap is None
+                and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16))
+    if ATTENTION_IMPL == 'cudnn' and not eligible:
+      raise ValueError('GEMMA_JAX_ATTENTION=cudnn needs a GPU, 16-bit compute and no logit soft-cap.')
+    return eligible
 
   def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     """Softmax attention with grouped heads; logits, soft-cap and softmax in float32."""
