@@ -6,6 +6,8 @@ BPE splits them differently from SentencePiece's longest-match on the user-defin
 both decode to the same text, which test_roundtrip checks).
 """
 
+import pickle
+
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -153,6 +155,13 @@ def test_save_and_reload(tok, tmp_path):
   plain = spm.SentencePieceProcessor(model_file=str(path))  # A standard .model file.
   assert plain.bos_id() == tok.bos_id and plain.eos_id() == tok.eos_id
   assert plain.encode('Hello world') == tok.encode('Hello world', add_bos=False)
+
+
+def test_pickle(tok):
+  # Data pipelines ship the tokenizer to worker processes.
+  again = pickle.loads(pickle.dumps(tok))
+  s = PARITY_STRINGS[28]
+  assert again.encode(s) == tok.encode(s) and again.decode(again.encode(s)) == s
 
 
 def test_rebuilt_model_proto(gguf_tokenizer):
