@@ -1,0 +1,229 @@
+"""Training output: the progress line, `metrics.jsonl`, TensorBoard event files, the loss-curve PNG."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+
+METRICS_FILE = 'metrics.jsonl'
+PLOT_FILE = 'loss_curve.png'
+TB_DIR = 'tensorboard'
+
+
+def _fmt_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+class MetricsWriter:
+  """Writes one JSON object per logged step to WORKDIR/metrics.jsonl and the same scalars to
+  TensorBoard (WORKDIR/tensorboard); prints the progress line.
+
+  On resume from step `start_step`, records of later steps (written by the interrupted run after
+  its last checkpoint) are dropped so that the file describes exactly one run.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0, *,
+               tokens_per_step: int = 0):
+    self.workdir = workdir
+    self.total_steps = total_steps
+    self.tokens_per_step = tokens_per_step
+    self.path = os.path.join(workdir, METRICS_FILE)
+    os.makedirs(workdir, exist_ok=True)
+    self._truncate_after(start_step)
+    self._file = open(self.path, 'a')
+    self._tb = None
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
+    except ImportError:
+      logging.warning('tensorboardX is not installed: no TensorBoard event files.')
+    self._last_time = None
+    self._last_step = start_step
+    self._start_time = time.time()
+    self._start_step = start_step
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+    with open(self.path, 'w') as f:
+      f.writelines(kept)
+
+  def mark_start(self, step: int) -> None:
+    """Starts the clock for tokens/s and ETA (call after the first step compiled)."""
+    self._last_time = time.time()
+    self._last_step = step
+
+  def log_train(self, step: int, metrics: Mapping[str, float]) -> str:
+    """Records `metrics` of `step` (1-based: steps done) and returns the progress line."""
+    now = time.time()
+    record: dict[str, Any] = {'step': step, **{k: float(v) for k, v in metrics.items()}}
+    line = (f'step {step}/{self.total_steps}  loss {record["loss"]:.4f}  '
+            f'lr {record.get("learning_rate", float("nan")):.2e}  '
+            f'grad_norm {record.get("grad_norm", float("nan")):.3f}')
+    if self._last_time is not None and step > self._last_step:
+      dt = (now - self._last_time) / (step - self._last_step)
+      record['step_time_s'] = dt
+      if self.tokens_per_step:
+        record['tokens_per_s'] = self.tokens_per_step / dt
+        line += f'  {record["tokens_per_s"]:,.0f} tokens/s'
+      line += f'  ETA {_fmt_duration(dt * (self.total_steps - step))}'
+      self._last_time, self._last_step = now, step
+    self._write(record, prefix='train')
+    return line
+
+  def log_eval(self, step: int, metrics: Mapping[str, float]) -> str:
+    """Records held-out metrics of `step` (keys prefixed 'eval_') and returns a summary line."""
+    record = {'step': step, **{f'eval_{k}': float(v) for k, v in metrics.items()}}
+    self._write(record, prefix='eval')
+    return f'eval @ step {step}: ' + '  '.join(f'{k} {float(v):.4f}' for k, v in metrics.items())
+
+  def _write(self, record: Mapping[str, Any], prefix: str) -> None:
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != 'step':
+          self._tb.add_scalar(f'{prefix}/{k.removeprefix("eval_")}', v, record['step'])
+      self._tb.flush()
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metric(workdir: str, key: str, step: int) -> float:
+  """The value of `key` recorded at `step` in metrics.jsonl (NaN when absent)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        if r.get('step') == step and key in r:
+          return float(r[key])
+  return float('nan')
+
+
+def plot_loss_curve(workdir: str) -> str | None:
+  """Draws train (and eval) loss against step from metrics.jsonl into WORKDIR/loss_curve.png."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  train, evals = [], []
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      if 'loss' in r:
+        train.append((r['step'], r['loss']))
+      if 'eval_loss' in r:
+        evals.append((r['step'], r['eval_loss']))
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if train:
+    ax.plot(*zip(*train), label='train loss')
+  if evals:
+    ax.plot(*zip(*evals), 'o-', label='eval loss')
+  ax.set_xlabel('step')
+  ax.set_ylabel('cross-entropy (nats / target token)')
+  ax.set_yscale('log')
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  out = os.path.join(workdir, PLOT_FILE)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact match on held-out prompts (the quickstart's before/after figure).
+
+
+@functools.lru_cache(maxsize=8)
+def _generate_fn(graphdef, max_new_tokens: int):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def run(params, rest, buf_BL, lengths_B):
+    model = nnx.merge(graphdef, params, rest)
+    rows = jnp.arange(buf_BL.shape[0])
+
+    def body(_, carry):
+      buf_BL, lengths_B = carry
+      logits_BLV, _ = model(buf_BL)
+      next_B = jnp.argmax(logits_BLV[rows, lengths_B - 1], axis=-1).astype(jnp.int32)
+      return buf_BL.at[rows, lengths_B].set(next_B), lengths_B + 1
+
+    return jax.lax.fori_loop(0, max_new_tokens, body, (buf_BL, lengths_B))[0]
+
+  return run
+
+
+def greedy_generate(graphdef, params, rest, prompts: list[list[int]], max_new_tokens: int,
+                    stop_ids: tuple[int, ...], length: int | None = None) -> list[list[int]]:
+  """Greedy continuation of each prompt (ids incl. BOS), cut at the first of `stop_ids`.
+
+  Runs full forwards over one [B, length] buffer (default: longest prompt + max_new_tokens)
+  inside one jitted loop; causal attention makes the unfilled tail invisible. Compiles once per
+  (model, B, length, max_new_tokens).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  L = length or max(map(len, prompts)) + max_new_tokens
+  buf = np.zeros((len(prompts), L), np.int32)
+  for i, p in enumerate(prompts):
+    if len(p) + max_new_tokens > L:
+      raise ValueError(f'prompt {i} has {len(p)} tokens; with {max_new_tokens} new ones it '
+                       f'exceeds the buffer of {L}.')
+    buf[i, :len(p)] = p
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  out = np.asarray(_generate_fn(graphdef, max_new_tokens)(params, rest, buf, lengths))
+  results = []
+  for i, p in enumerate(prompts):
+    new = out[i, len(p):len(p) + max_new_tokens].tolist()
+    cut = [j for j, t in enumerate(new) if t in stop_ids]
+    results.append(new[:cut[0]] if cut else new)
+  return results
+
+
+def exact_match_eval(graphdef, params, rest, tokenizer, examples, max_new_tokens: int,
+                     batch_size: int = 64) -> dict[str, Any]:
+  """Answers held-out conversations greedily and scores them by exact match.
+
+  `examples`: [(prompt messages, reference answer)], e.g. from `data.split_prompt_reference`.
+  Returns {'exact_match': fraction, 'samples': [(prompt text, prediction, reference), ...]}.
+  """
+  from gemma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  stop = (tokenizer.end_of_turn_id, tokenizer.eos_id)
+  all_prompts = [tokenizer.encode_chat(m, add_generation_prompt=True)[0] for m, _ in examples]
+  length = max(map(len, all_prompts)) + max_new_tokens
+  batch_size = min(batch_size, len(examples))
+  predictions = []
+  for start in range(0, len(examples), batch_size):
+    prompts = all_prompts[start:start + batch_size]
+    n = len(prompts)
+    prompts += [prompts[-1]] * (batch_size - n)  # One shape, one compile.
+    outs = greedy_generate(graphdef, params, rest, prompts, max_new_tokens, stop, length)
+    predictions += [tokenizer.decode(o) for o in outs[:n]]
+  references = [r for _, r in examples]
+  samples = [(m[-1]['content'], p, r) for (m, r), p in zip(examples, predictions)]
+  return {'exact_match': data_lib.exact_match(predictions, references), 'samples': samples}

@@ -1,0 +1,314 @@
+"""SFT trainer: train state, loss, the jitted train and eval steps, and the training loop.
+
+The train state is a plain dict pytree, `{'step', 'params', 'opt_state', 'rng'}`: `params` is the
+model's `nnx.State` of `nnx.Param`s (float32 master weights), `opt_state` optax's state over it.
+`train_step(state, batch) -> (state, metrics)` is one pure function, jitted once with explicit
+shardings and the state donated; gradient accumulation happens inside it (a `lax.scan` over
+micro-batches), so k micro-batches are exactly one k-times larger batch.
+
+`train(config, workdir)` runs the whole job; see configs/quickstart.py for every config key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gemma_jax import metrics as metrics_lib
+from gemma_jax import optim
+from gemma_jax import train_setup
+
+State = dict[str, Any]
+Batch = Mapping[str, jax.Array]
+BATCH_KEYS = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when a step's loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and steps (pure functions of pytrees).
+
+
+def token_loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Float32 cross-entropy and argmax hits summed over tokens where `mask_BT` is 1.
+
+  Returns `(loss_sum, correct_sum)`; divide by `mask_BT.sum()` for per-token means.
+  """
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  mask_BT = mask_BT.astype(jnp.float32)
+  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  loss_sum = jnp.sum((logz_BT - target_logit_BT) * mask_BT)
+  correct_sum = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * mask_BT)
+  return loss_sum, correct_sum
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., Any]:
+  """`loss_fn(params, batch, num_targets) -> (loss_sum / num_targets, correct_sum)`."""
+
+  def loss_fn(params, batch, num_targets):
+    model = nnx.merge(graphdef, params, rest)
+    logits_BTV, _ = model(batch['tokens'], positions=batch['positions'],
+                          segment_ids=batch['segment_ids'])
+    loss_sum, correct_sum = token_loss_sums(logits_BTV, batch['targets'], batch['loss_mask'])
+    return loss_sum / num_targets, correct_sum
+
+  return loss_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, grad_accum_steps: int = 1,
+                    ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+  """The pure (unjitted) train step.
+
+  The loss is the mean cross-entropy over all target tokens of the batch (`loss_mask` == 1). With
+  `grad_accum_steps` = k the batch [B, T] is split into k micro-batches of B/k rows whose gradients
+  are summed, each micro-batch normalised by the whole batch's target count: the result equals the
+  gradient of the full batch up to float summation order.
+  """
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest), has_aux=True)
+  k = grad_accum_steps
+
+  def train_step(state, batch):
+    params = state['params']
+    num_targets = jnp.maximum(jnp.sum(batch['loss_mask'].astype(jnp.float32)), 1.0)
+    if k == 1:
+      (loss, correct), grads = grad_fn(params, batch, num_targets)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+      def accumulate(carry, micro_batch):
+        loss_acc, correct_acc, grads_acc = carry
+        (loss_i, correct_i), grads_i = grad_fn(params, micro_batch, num_targets)
+        return (loss_acc + loss_i, correct_acc + correct_i,
+                jax.tree.map(jnp.add, grads_acc, grads_i)), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+      (loss, correct, grads), _ = jax.lax.scan(accumulate, init, micro)
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_state = {
+        'step': state['step'] + 1,
+        'params': optax.apply_updates(params, updates),
+        'opt_state': opt_state,
+        'rng': jax.random.fold_in(state['rng'], state['step']),
+    }
+    metrics = {
+        'loss': loss,
+        'accuracy': correct / num_targets,
+        'grad_norm': grad_norm,
+        'learning_rate': schedule(state['step']),
+        'target_tokens': num_targets,
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., dict[str, jax.Array]]:
+  """`eval_step(params, batch) -> {'loss_sum', 'correct_sum', 'count'}` (sum over batches)."""
+  loss_fn = make_loss_fn(graphdef, rest)
+
+  def eval_step(params, batch):
+    loss_sum, correct_sum = loss_fn(params, batch, 1.0)
+    return {'loss_sum': loss_sum, 'correct_sum': correct_sum,
+            'count': jnp.sum(batch['loss_mask'].astype(jnp.float32))}
+
+  return eval_step
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> State:
+  """A fresh train state at step 0 around `params`."""
+  return {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'opt_state': tx.init(params),
+      'rng': jax.random.PRNGKey(seed),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Shardings. One device (or pure data parallelism) for now: the state is replicated and batches
+# are split over ('data', 'fsdp'); the sharding module widens this to FSDP/tensor parallelism.
+
+
+def state_shardings(mesh: Mesh, abstract_state: State) -> State:
+  """Sharding of every leaf of the train state (replicated)."""
+  return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches [B, T] are split along B over the data-parallel axes."""
+  return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Host batch (this process's rows) -> global device arrays."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in BATCH_KEYS}
+
+
+def jit_train_step(train_step, mesh: Mesh, abstract_state: State):
+  """jax.jit with explicit in/out shardings and the state donated."""
+  s_shard = state_shardings(mesh, abstract_state)
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step, in_shardings=(s_shard, batch_sharding(mesh)),
+                 out_shardings=(s_shard, replicated), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _check_finite(step: int, metrics: Mapping[str, float], manager) -> None:
+  if all(math.isfinite(metrics[k]) for k in ('loss', 'grad_norm')):
+    return
+  last = manager.latest_step() if manager is not None else None
+  raise NonFiniteLossError(
+      f'Non-finite training at step {step}: loss={metrics["loss"]}, '
+      f'grad_norm={metrics["grad_norm"]}. Stopping; the last good checkpoint '
+      f'({"step " + str(last) if last is not None else "none saved"}) is kept. Try a lower '
+      f'learning_rate, optimizer.clip_norm, a longer optimizer.warmup_steps, or float32 compute.')
+
+
+def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]],
+             sharding: NamedSharding) -> dict[str, float]:
+  """Mean held-out loss and token accuracy over the target tokens of `batches`."""
+  totals = None
+  for batch in batches:
+    out = eval_step(params, put_batch(batch, sharding))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if totals is None:
+    return {}
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'loss': float(totals['loss_sum']) / count, 'accuracy': float(totals['correct_sum']) / count}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the SFT job described by `config` in `workdir`; returns final metrics."""
+  train_setup.validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = train_setup.make_mesh(config.mesh)
+  manager = train_setup.checkpoint_manager(workdir, config)
+  resume_step = manager.latest_step()
+
+  mc, tokenizer, initial_params = train_setup.build_model(config, workdir,
+                                                          resume=resume_step is not None)
+  graphdef, abs_params, rest = nnx.split(train_setup.abstract_model(mc, config), nnx.Param, ...)
+  tx, schedule = optim.make_optimizer(config)
+  abstract_state = jax.eval_shape(lambda p: init_state(p, tx, config.seed), abs_params)
+  s_shard = state_shardings(mesh, abstract_state)
+  b_shard = batch_sharding(mesh)
+
+  train_ds = train_setup.make_dataset(config, tokenizer, split='train')
+  train_iter = iter(train_ds)
+  if resume_step is None:
+    if initial_params is None:
+      params = train_setup.random_params(mc, config, s_shard['params'])
+    else:
+      params = jax.device_put(initial_params, s_shard['params'])
+    del initial_params
+    state = jax.jit(lambda p: init_state(p, tx, config.seed), out_shardings=s_shard)(params)
+    print(f'Starting at step 0 of {config.steps} in {workdir}.', flush=True)
+  else:
+    state, data_state = train_setup.restore(manager, resume_step, abstract_state, s_shard)
+    train_iter.set_state(data_state)
+    print(f'Resuming from the checkpoint at step {resume_step} in {workdir}.', flush=True)
+
+  step_fn = jit_train_step(
+      make_train_step(graphdef, rest, tx, schedule,
+                      grad_accum_steps=config.optimizer.grad_accum_steps), mesh, abstract_state)
+  eval_fn = jax.jit(make_eval_step(graphdef, rest))
+  start = int(jax.device_get(state['step']))
+  writer = metrics_lib.MetricsWriter(workdir, config.steps, start,
+                                     tokens_per_step=config.batch_size * config.seq_len)
+
+  def run_eval(step: int) -> dict[str, float]:
+    eval_ds = train_setup.make_dataset(config, tokenizer, split='eval')
+    result = evaluate(eval_fn, state['params'],
+                      itertools.islice(iter(eval_ds), config.eval_batches), b_shard)
+    if result:
+      print(writer.log_eval(step, result), flush=True)
+    return result
+
+  held_out = train_setup.exact_match_examples(config)
+
+  def run_exact_match(step: int, label: str) -> float:
+    result = metrics_lib.exact_match_eval(graphdef, state['params'], rest, tokenizer, held_out,
+                                          config.exact_match.max_new_tokens)
+    writer.log_eval(step, {'exact_match': result['exact_match']})
+    print(f'Exact match on {len(held_out)} held-out examples {label}: '
+          f'{100 * result["exact_match"]:.1f}%', flush=True)
+    for prompt, prediction, reference in result['samples'][:3]:
+      print(f'  {prompt!r} -> {prediction!r} (reference {reference!r})', flush=True)
+    return result['exact_match']
+
+  if held_out and start == 0:
+    run_exact_match(0, 'before training')
+
+  def save(step: int) -> None:
+    train_setup.save(manager, step, state, train_iter.get_state(), config)
+
+  pending = None  # (step, device metrics) of the previous step, read after the next dispatch
+  last, last_eval = {}, {}
+  t0 = time.time()
+  try:
+    for step in range(start + 1, config.steps + 1):
+      batch = put_batch(next(train_iter), b_shard)
+      state, step_metrics = step_fn(state, batch)
+      if step == start + 1:
+        jax.block_until_ready(step_metrics)
+        print(f'First step compiled and ran in {time.time() - t0:.1f}s.', flush=True)
+        writer.mark_start(step)
+      if pending is not None:
+        last = _read_metrics(writer, manager, config, *pending)
+      pending = (step, step_metrics)
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        # Never checkpoint a state whose step went non-finite: check it before saving.
+        last = _read_metrics(writer, manager, config, *pending)
+        pending = None
+        save(step)
+      if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        last_eval = run_eval(step)
+    if pending is not None:
+      last = _read_metrics(writer, manager, config, *pending)
+  finally:
+    manager.wait_until_finished()
+  if held_out:
+    before = metrics_lib.read_metric(workdir, 'eval_exact_match', step=0)
+    after = run_exact_match(config.steps, 'after training')
+    last_eval['exact_match_before'], last_eval['exact_match'] = before, after
+    print(f'Exact match before -> after training: {100 * before:.1f}% -> {100 * after:.1f}%',
+          flush=True)
+  writer.close()
+  metrics_lib.plot_loss_curve(workdir)
+  export_dir = train_setup.export_params(graphdef, state['params'], rest, tokenizer, workdir)
+  manager.close()
+  print(f'Done: final params for sample.py in {export_dir}', flush=True)
+  return {'train': last, 'eval': last_eval, 'export_dir': export_dir}
+
+
+def _read_metrics(writer, manager, config, step, device_metrics) -> dict[str, float]:
+  """Fetches one step's metrics, stops on NaN/inf, logs every `log_every` steps."""
+  host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+  _check_finite(step, host, manager)
+  if step % config.log_every == 0 or step == 1 or step == config.steps:
+    print(writer.log_train(step, host), flush=True)
+  return host

@@ -1,0 +1,39 @@
+r"""Fine-tunes a Gemma model as one config file describes.
+
+  python train.py --config=configs/quickstart.py --workdir=/tmp/run [--config.steps=100 ...]
+
+Rerunning the same command resumes from the newest checkpoint in --workdir. Every config key is
+listed in gemma_jax/train_setup.py; `--config.a.b=value` overrides one (unknown keys fail here,
+before any work). The final params-only checkpoint for sample.py lands in WORKDIR/final.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from gemma_jax import train_setup
+from gemma_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and outputs.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  try:
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+  except (train_setup.ConfigError, trainer.NonFiniteLossError) as e:
+    print(f'train.py: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
