@@ -1,0 +1,136 @@
+"""Official Gemma checkpoints (Orbax, as released on Kaggle) -> gemma_jax Transformer.
+
+Released checkpoints are a "flat" tree, one entry per module path with the weights one level down:
+```
+{'transformer/embedder': {'input_embedding': (V, D)},
+ 'transformer/layer_0/attn/q_einsum': {'w': (N, D, H)},        # or qkv_einsum (3, N, D, H)
+ 'transformer/layer_0/attn/kv_einsum': {'w': (2, K, D, H)},
+ 'transformer/layer_0/attn/attn_vec_einsum': {'w': (N, H, D)},
+ 'transformer/layer_0/attn/_query_norm': {'scale': (H,)},      # Gemma 3; also _key_norm
+ 'transformer/layer_0/mlp/gating_einsum': {'w': (2, D, F)},    # (2, F, D): Gemma 2 9B/27B, 3
+ 'transformer/layer_0/mlp/linear': {'w': (F, D)},
+ 'transformer/layer_0/pre_attention_norm': {'scale': (D,)},    # + post_attention_norm,
+ 'transformer/final_norm': {'scale': (D,)}}                    #   pre_ffw_norm, post_ffw_norm
+```
+`gemma.gm` also writes the same names nested (`{'transformer': {'layer_0': {'attn': ...}}}` or
+without the 'transformer' level, `mlp/gating_einsum` without its 'w'); both are read. Our parameter
+names are the official ones, so import is a rename plus two fixes: Gemma 1/2 embeddings are padded
+to 256128 rows (rows past the preset's vocab_size are dropped), and the transposed gating weight is
+turned back to (2, D, F). Scales are zero-centred on both sides. Vision-encoder weights of the
+multimodal Gemma 3 checkpoints are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_jax.config import ModelConfig, get_preset
+from gemma_jax.transformer import Transformer, model_from_params
+
+log = logging.getLogger('gemma_jax.convert')
+
+_MULTIMODAL = ('SigLiPFromPatches_0/', 'vision_encoder/', 'embedder/mm_')
+_LAYER = re.compile(r'layer_(\d+)/')
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """Nested (or partly flat, '/'-keyed) dicts -> {'a/b/c': leaf}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, name + '/'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def our_name(official: str) -> str | None:
+  """'transformer/layer_3/mlp/gating_einsum/w' -> 'layers.3.mlp.gating_einsum'; None to skip."""
+  name = official.removeprefix('transformer/')
+  if name.startswith(_MULTIMODAL):
+    return None
+  name = _LAYER.sub(lambda m: f'layers/{m.group(1)}/', name)
+  if re.search(r'/mlp/(gating_einsum|linear)/w$', name):
+    name = name[:-2]
+  return name.replace('/', '.')
+
+
+def read_official(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All arrays of an official Orbax checkpoint, as numpy, keyed by official '/' paths."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise ValueError(f'{path}: not a directory; expected an Orbax checkpoint directory (the '
+                     'folder holding _METADATA or checkpoint files).')
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    meta = checkpointer.metadata(path)
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise ValueError(f'{path}: not an Orbax checkpoint ({e}).') from e
+  tree = getattr(meta, 'item_metadata', meta)
+  tree = getattr(tree, 'tree', tree)
+  if not isinstance(tree, Mapping) or not tree:
+    raise ValueError(f'{path}: not an Orbax checkpoint (no parameter tree metadata found); pass the '
+                     'folder that holds the checkpoint\'s _METADATA file.')
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  log.info('%s: reading %d arrays', path, len(_flatten(tree)))
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  return {k: np.asarray(v) for k, v in _flatten(restored).items()}
+
+
+def params_from_official(arrays: Mapping[str, np.ndarray], config: ModelConfig,
+                         source: str = 'checkpoint') -> dict[str, np.ndarray]:
+  """Renames official arrays to our dotted names and fixes embedding padding and gating layout."""
+  params = {}
+  for key, value in arrays.items():
+    name = our_name(key)
+    if name is None:
+      continue
+    if name in params:
+      raise ValueError(f'{source}: two arrays map to {name!r} (one is {key!r}).')
+    params[name] = value
+  skipped = len(arrays) - len(params)
+  if skipped:
+    log.info('%s: skipped %d multimodal arrays', source, skipped)
+
+  V, D, F = config.vocab_size, config.embed_dim, config.hidden_dim
+  emb = params.get('embedder.input_embedding')
+  if emb is not None and emb.ndim == 2 and emb.shape[0] != V:
+    if emb.shape[0] < V:
+      raise ValueError(f'{source}: embedder/input_embedding has {emb.shape[0]} rows but model '
+                       f'{config.name!r} has vocab_size {V}.')
+    log.info('%s: dropping %d padding rows of the embedding (%d -> %d)', source,
+             emb.shape[0] - V, emb.shape[0], V)
+    params['embedder.input_embedding'] = emb[:V]
+  for name, value in params.items():
+    if name.endswith('mlp.gating_einsum') and value.shape == (2, F, D) and F != D:
+      params[name] = np.swapaxes(value, 1, 2)  # Gemma 2 9B/27B and Gemma 3 store (2, F, D).
+  return params
+
+
+def load_official(path: str | os.PathLike, preset: str | ModelConfig, dtype=jnp.float32, *,
+                  param_dtype=None) -> Transformer:
+  """Loads an official Gemma Orbax checkpoint (Kaggle layout) as a Transformer.
+
+  preset: a preset name (e.g. 'gemma2-2b', see gemma_jax.config.PRESETS) or a ModelConfig that
+  describes the checkpoint. Weights are cast to param_dtype (default: dtype, the compute dtype).
+  Raises ValueError naming the directory for a missing/unreadable checkpoint or a checkpoint whose
+  arrays do not fit the preset.
+  """
+  config = get_preset(preset) if isinstance(preset, str) else preset
+  source = os.fspath(path)
+  params = params_from_official(read_official(path), config, source)
+  try:
+    return model_from_params(config, params, dtype=dtype, param_dtype=param_dtype or dtype,
+                             source=source)
+  except ValueError as e:
+    raise ValueError(f'{e} Does the preset {config.name!r} match this checkpoint?') from e
