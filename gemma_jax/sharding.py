@@ -1,0 +1,447 @@
+"""Device meshes, the logical-axis rules table, sharded init and placement helpers.
+
+Everything runs on JAX's own partitioner (GSPMD through `jax.jit` shardings): this module only
+decides *where* arrays live. Modules name the logical axes of their parameters (`nnx.Param`
+metadata `logical_axes`, e.g. ('vocab', 'embed')); one `ShardingRules` table maps logical axes to
+the mesh axes ('data', 'fsdp', 'tensor'):
+
+  logical axis   default mesh axes   what it splits
+  batch          ('data', 'fsdp')    examples of a batch (activations, batches, the KV cache)
+  length         -                   sequence positions
+  embed          'fsdp'              D of every weight (FSDP / ZeRO-3: weights gathered per use)
+  heads          'tensor'            N (query heads)          \
+  kv_heads       'tensor'            K (key/value heads)       | tensor (Megatron) parallelism
+  mlp            'tensor'            F (feed-forward hidden)   |
+  vocab          'tensor'            V (embedding rows, logits)/
+  head_dim       -                   H
+
+A dimension that does not divide the product of its mesh axes is replicated (MQA has K = 1), and
+a mesh axis is used at most once per array (the first dimension that claims it wins).
+
+Typical use (what the trainer does):
+```
+mesh = make_mesh(config.mesh)                       # {'data': 1, 'fsdp': -1, 'tensor': 1}
+rules = ShardingRules.from_config(config.get('sharding_rules'))
+model = create_sharded_model(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+with use_mesh(mesh, rules):                          # enables `constrain` inside the model
+  state = train_step(state, put_batch(numpy_batch, mesh, rules))
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'vocab')
+MeshAxes = tuple[str, ...]  # one logical axis maps to zero or more mesh axes
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh.
+
+
+def _as_dict(obj: Any, what: str) -> dict[str, Any]:
+  """A plain dict from a Mapping, an ml_collections.ConfigDict or a dataclass (None: empty)."""
+  if obj is None:
+    return {}
+  if hasattr(obj, 'to_dict'):  # ml_collections.ConfigDict / FrozenConfigDict
+    return dict(obj.to_dict())
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    return dataclasses.asdict(obj)
+  if isinstance(obj, Mapping):
+    return dict(obj)
+  raise ValueError(f'{what}: expected a dict or ConfigDict, got {type(obj).__name__}.')
+
+
+def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes from a config with keys data/fsdp/tensor; one -1 fills the rest.
+
+  Missing keys default to 1. Raises ValueError, naming the numbers, for unknown keys, more than
+  one -1, sizes < 1, or a product that differs from `num_devices`.
+  """
+  cfg = _as_dict(mesh_config, 'config.mesh')
+  unknown = sorted(set(cfg) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f'config.mesh: unknown mesh axis name(s) {unknown}; the mesh axes are '
+                     f'{list(MESH_AXES)} (e.g. --config.mesh.fsdp=8).')
+  sizes = {}
+  for name in MESH_AXES:
+    value = cfg.get(name, 1)
+    try:
+      sizes[name] = int(value)
+    except (TypeError, ValueError):
+      raise ValueError(f'config.mesh.{name}={value!r} is not an integer.') from None
+  shown = ', '.join(f'{n}={s}' for n, s in sizes.items())
+  fill = [n for n, s in sizes.items() if s == -1]
+  if len(fill) > 1:
+    raise ValueError(f'config.mesh ({shown}): at most one axis may be -1, got {len(fill)} '
+                     f'({", ".join(fill)}).')
+  bad = [n for n, s in sizes.items() if s < 1 and s != -1]
+  if bad:
+    raise ValueError(f'config.mesh ({shown}): sizes must be >= 1 or -1; {bad[0]} is not.')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if fill:
+    if num_devices % fixed:
+      raise ValueError(f'config.mesh ({shown}): {num_devices} devices cannot be split evenly '
+                       f'into {fixed} (the product of the fixed axes) x {fill[0]}.')
+    sizes[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f'config.mesh ({shown}): the product {fixed} does not equal the number of '
+                     f'devices, {num_devices}. Use -1 on one axis to fill the remaining devices.')
+  return sizes['data'], sizes['fsdp'], sizes['tensor']
+
+
+def make_mesh(mesh_config: Any = None, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh with axes ('data', 'fsdp', 'tensor') over all processes' devices.
+
+  mesh_config: dict/ConfigDict with data/fsdp/tensor sizes (one may be -1; default: all devices
+  on fsdp). Device order comes from `jax.make_mesh` (topology-aware on TPU: the last axis,
+  'tensor', gets the fastest links). Axes are Auto: jit partitions from the given shardings.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if mesh_config is None:
+    mesh_config = {'fsdp': -1}
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules table.
+
+
+def _mesh_axes(value: Any, where: str) -> MeshAxes:
+  """Normalises a rule value: None / '' / 'none' / 'fsdp' / 'data,fsdp' / a sequence -> tuple."""
+  if value is None:
+    return ()
+  if isinstance(value, str):
+    value = [] if value.strip().lower() in ('', 'none') else value.split(',')
+  axes = tuple(str(a).strip() for a in value)
+  unknown = [a for a in axes if a not in MESH_AXES]
+  if unknown:
+    raise ValueError(f'{where}: unknown mesh axis {unknown[0]!r}; choose from {list(MESH_AXES)}.')
+  if len(set(axes)) != len(axes):
+    raise ValueError(f'{where}: mesh axis repeated in {axes}.')
+  return axes
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+  """Logical axis -> mesh axes. Each field is a tuple of mesh axis names (empty: replicated).
+
+  Construct with strings too: `ShardingRules(embed='fsdp', batch=('data', 'fsdp'), mlp=None)`.
+  `no_sharding()` replicates everything; `from_config(d)` overrides the defaults per key.
+  """
+
+  batch: MeshAxes = ('data', 'fsdp')
+  length: MeshAxes = ()
+  embed: MeshAxes = ('fsdp',)
+  heads: MeshAxes = ('tensor',)
+  kv_heads: MeshAxes = ('tensor',)
+  head_dim: MeshAxes = ()
+  mlp: MeshAxes = ('tensor',)
+  vocab: MeshAxes = ('tensor',)
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      object.__setattr__(self, f.name, _mesh_axes(getattr(self, f.name), f'ShardingRules.{f.name}'))
+
+  @classmethod
+  def no_sharding(cls) -> ShardingRules:
+    """Every array replicated: single-device semantics on any mesh (a reference for tests)."""
+    return cls(**{name: () for name in LOGICAL_AXES})
+
+  @classmethod
+  def from_config(cls, overrides: Any = None) -> ShardingRules:
+    """Defaults with `overrides` (dict/ConfigDict, e.g. {'embed': 'fsdp,tensor', 'mlp': None})."""
+    d = _as_dict(overrides, 'config.sharding_rules')
+    unknown = sorted(set(d) - set(LOGICAL_AXES))
+    if unknown:
+      raise ValueError(f'config.sharding_rules: unknown logical axis name(s) {unknown}; known: '
+                       f'{list(LOGICAL_AXES)}.')
+    return cls(**{k: _mesh_axes(v, f'config.sharding_rules.{k}') for k, v in d.items()})
+
+  def mesh_axes(self, logical: str) -> MeshAxes:
+    """The mesh axes of one logical axis name."""
+    if logical not in LOGICAL_AXES:
+      raise ValueError(f'Unknown logical axis {logical!r}; known: {list(LOGICAL_AXES)}.')
+    return getattr(self, logical)
+
+
+def as_rules(rules: ShardingRules | Mapping[str, Any] | None) -> ShardingRules:
+  """None -> the defaults; a mapping -> `ShardingRules.from_config`; rules pass through."""
+  if rules is None:
+    return _RULES.get()
+  if isinstance(rules, ShardingRules):
+    return rules
+  return ShardingRules.from_config(rules)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Any,
+                    rules: ShardingRules | Mapping[str, Any] | None = None) -> P:
+  """PartitionSpec of an array with the given logical axes and shape on `mesh`.
+
+  `mesh` is a Mesh or an AbstractMesh (only its axis sizes are read). A dimension whose size does
+  not divide the product of its (unused, size > 1) mesh axes is replicated; a mesh axis already
+  claimed by an earlier dimension is skipped.
+  """
+  rules = as_rules(rules)
+  if len(axes) != len(shape):
+    raise ValueError(f'logical axes {tuple(axes)} do not match shape {tuple(shape)}.')
+  sizes = dict(mesh.shape)
+  used: set[str] = set()
+  spec = []
+  for logical, dim in zip(axes, shape):
+    if logical is None:
+      spec.append(None)
+      continue
+    missing = [a for a in rules.mesh_axes(logical) if a not in sizes]
+    if missing:
+      raise ValueError(f'Rule {logical}->{missing[0]!r}: the mesh has no such axis '
+                       f'(its axes: {list(sizes)}).')
+    mesh_axes = tuple(a for a in rules.mesh_axes(logical) if a not in used and sizes[a] > 1)
+    if not mesh_axes or dim % math.prod(sizes[a] for a in mesh_axes):
+      spec.append(None)
+      continue
+    used.update(mesh_axes)
+    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return P(*spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and state.
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _leaf_spec(x: Any, mesh: Any, rules: ShardingRules) -> P:
+  if isinstance(x, nnx.Variable):
+    axes = x.get_metadata().get('logical_axes')
+    shape = np.shape(x.get_value())
+    return P() if axes is None else logical_to_spec(axes, shape, mesh, rules)
+  return P()
+
+
+def partition_specs(tree: Any, mesh: Any, rules: ShardingRules | Mapping | None = None) -> Any:
+  """`tree` with every Variable's value replaced by its PartitionSpec; other leaves get P().
+
+  `tree`: an nnx.Module (its `nnx.state`), an nnx.State, or any pytree holding Variables, such
+  as a train state whose optax moments mirror the params (they keep the Variables' metadata).
+  """
+  rules = as_rules(rules)
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree)
+
+  def f(x):
+    spec = _leaf_spec(x, mesh, rules)
+    return x.replace(spec) if isinstance(x, nnx.Variable) else spec
+
+  return jax.tree.map(f, tree, is_leaf=_is_variable)
+
+
+def param_shardings(tree: Any, mesh: Mesh, rules: ShardingRules | Mapping | None = None) -> Any:
+  """NamedShardings shaped like `nnx.state(model)` (or like any state pytree; see
+  `partition_specs`); usable as `jax.jit(out_shardings=...)` and `jax.device_put` targets."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), partition_specs(tree, mesh, rules),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh,
+                         rules: ShardingRules | Mapping | None = None) -> nnx.Module:
+  """`make_model()` with every parameter created directly in its sharding.
+
+  The model is first built abstractly (`nnx.eval_shape`, no memory), then its init runs inside
+  `jax.jit` with `out_shardings`, so each device only ever holds its own shards: a 7B model never
+  materialises whole on one device or host. Values equal an unsharded `make_model()`
+  (threefry random numbers are partitionable).
+  """
+  abstract = nnx.eval_shape(make_model)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = param_shardings(abstract_state, mesh, rules)
+  state = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh,
+                rules: ShardingRules | Mapping | None = None) -> nnx.Module:
+  """Moves an existing model's variables onto their shardings (in place); returns the model."""
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, param_shardings(state, mesh, rules)))
+  return model
+
+
+def cache_shardings(cache: Any, mesh: Mesh, rules: ShardingRules | Mapping | None = None) -> Any:
+  """Shardings for `Transformer.init_cache(...)`: k/v [B,S,K,H] over (batch, -, kv_heads, -),
+  pos [B,S] over batch, end_index replicated. Use as jit in/out shardings when sampling."""
+  rules = as_rules(rules)
+
+  def f(path, x):
+    name = getattr(path[-1], 'key', None)
+    if name in ('k', 'v'):
+      axes = ('batch', 'length', 'kv_heads', 'head_dim')
+    elif name == 'pos':
+      axes = ('batch', 'length')
+    else:
+      axes = (None,) * np.ndim(x)
+    return NamedSharding(mesh, logical_to_spec(axes, np.shape(x), mesh, rules))
+
+  return jax.tree_util.tree_map_with_path(f, cache)
+
+
+def per_device_bytes(tree: Any, mesh: Any, rules: ShardingRules | Mapping | None = None) -> int:
+  """Bytes one device holds for `tree` (abstract or concrete; Variables sharded by their
+  logical axes, other leaves replicated). `mesh` may be an AbstractMesh of any size."""
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree)
+  specs = partition_specs(tree, mesh, rules)
+  total = 0
+  for x, spec in zip(jax.tree.leaves(tree),
+                     jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))):
+    shard = NamedSharding(mesh, spec).shard_shape(tuple(np.shape(x)))
+    total += math.prod(shard) * np.dtype(x.dtype).itemsize
+  return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches.
+
+
+def batch_spec(mesh: Any, rules: ShardingRules | Mapping | None = None, ndim: int = 2) -> P:
+  """PartitionSpec of a [B, T, ...] batch array: B over rules.batch, T over rules.length."""
+  rules = as_rules(rules)
+  sizes = dict(mesh.shape)
+  b = tuple(a for a in rules.batch if sizes[a] > 1)
+  t = tuple(a for a in rules.length if sizes[a] > 1 and a not in b)
+  spec = [b or None, t or None] + [None] * (ndim - 2)
+  return P(*spec[:ndim])
+
+
+def batch_sharding(mesh: Mesh, rules: ShardingRules | Mapping | None = None,
+                   ndim: int = 2) -> NamedSharding:
+  """NamedSharding of a [B, T] batch array (see `batch_spec`); never silently replicated."""
+  return NamedSharding(mesh, batch_spec(mesh, rules, ndim))
+
+
+def put_batch(batch: Mapping[str, Any], mesh: Mesh,
+              rules: ShardingRules | Mapping | None = None) -> dict[str, jax.Array]:
+  """Global jax.Arrays from this process's share of a batch (numpy arrays [B_local, T, ...]).
+
+  Each process passes only its own rows: the global batch is B_local x jax.process_count(), laid
+  out in process order. Raises ValueError (before any compilation) when a dimension does not
+  divide over the mesh axes that shard it.
+  """
+  out = {}
+  sizes = dict(mesh.shape)
+  for key, value in batch.items():
+    value = np.asarray(value)
+    spec = batch_spec(mesh, rules, value.ndim)
+    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+    for dim, (n, axes) in enumerate(zip(global_shape, spec)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      shards = math.prod(sizes[a] for a in axes)
+      if n % shards:
+        rows = (f' = {value.shape[0]} per process x {jax.process_count()} processes'
+                if dim == 0 and jax.process_count() > 1 else '')
+        raise ValueError(
+            f"put_batch: batch[{key!r}] has size {n}{rows} on dimension {dim}, not divisible by "
+            f"the {shards} shards of mesh axes {axes} (mesh {sizes}); make the global batch "
+            f'size a multiple of {shards}.')
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value,
+                                                      global_shape)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: sharding constraints by logical name.
+
+_RULES: contextvars.ContextVar[ShardingRules] = contextvars.ContextVar(
+    'gemma_jax_sharding_rules', default=ShardingRules())
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: ShardingRules | Mapping | None = None) -> Iterator[Mesh]:
+  """Context in which `constrain` is active: sets JAX's mesh (`jax.set_mesh`) and the rules.
+
+  Trace (call) jitted steps inside it; outside it `constrain` does nothing.
+  """
+  token = _RULES.set(as_rules(rules) if rules is not None else ShardingRules())
+  try:
+    with jax.set_mesh(mesh):
+      yield mesh
+  finally:
+    _RULES.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` by logical axes, e.g. constrain(x_BTD, ('batch', 'length',
+  'embed')); a no-op unless called under a mesh (`use_mesh` or `jax.set_mesh`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, _RULES.get()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes.
+
+_TRUE = ('1', 'true', 'yes', 'auto')
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize()` when the environment asks for it; returns whether
+  this is a multi-process run. Call it first thing, before any other JAX call.
+
+  Explicit: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=n and JAX_PROCESS_ID=i (all
+  three; JAX_COORDINATOR_BIND_ADDRESS is honoured). GEMMA_JAX_DISTRIBUTED=1 forces JAX's cluster
+  auto-detection (TPU pod slices, Slurm, Open MPI, Kubernetes); =0 disables it. Without either,
+  a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts), a Slurm job with several
+  tasks or an Open MPI launch with several ranks is detected and initialised.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  env = os.environ
+  flag = env.get('GEMMA_JAX_DISTRIBUTED', '').strip().lower()
+  if flag in ('0', 'false', 'no'):
+    return False
+  explicit = {k: env.get(k) for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
+                                      'JAX_PROCESS_ID')}
+  given = [k for k, v in explicit.items() if v]
+  if given and len(given) < 3:
+    missing = [k for k in explicit if k not in given]
+    raise ValueError(f'maybe_initialize_distributed: {given} set but {missing} missing; set all '
+                     'three (or none, to let JAX auto-detect the cluster).')
+  if given:
+    try:
+      num, pid = int(explicit['JAX_NUM_PROCESSES']), int(explicit['JAX_PROCESS_ID'])
+    except ValueError:
+      raise ValueError(f'maybe_initialize_distributed: JAX_NUM_PROCESSES and JAX_PROCESS_ID must '
+                       f'be integers, got {explicit}.') from None
+    if not 0 <= pid < num:
+      raise ValueError(f'maybe_initialize_distributed: JAX_PROCESS_ID={pid} is not in [0, {num}).')
+    jax.distributed.initialize(explicit['JAX_COORDINATOR_ADDRESS'], num, pid)
+    return True
+  detected = (flag in _TRUE
+              or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+              or int(env.get('SLURM_NTASKS', '1') or 1) > 1
+              or int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1)
+  if detected:
+    jax.distributed.initialize()
+  return detected
+
+
+def is_main_process() -> bool:
+  """True on process 0: the one that logs, writes metrics and finalises checkpoints."""
+  return jax.process_index() == 0

@@ -1,0 +1,239 @@
+"""Sharded == unsharded, on 8 devices: train steps, greedy decoding, sharded init, resharding.
+
+Needs 8 devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8` on CPU, set before JAX
+starts). tests/test_sharding.py runs this file in such a subprocess when the main pytest process
+has fewer devices, and imports its tests directly when it has enough. The helpers at the top
+(tiny model, packed batch, a trainer-like pure step) are shared with tests/multiprocess_worker.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gemma_jax import sharding as sh
+from gemma_jax.config import get_preset
+from gemma_jax.transformer import Transformer
+
+PRESET = 'tiny-gemma2'  # GQA (K=2: sharded on tensor=2, replicated on tensor=4), local + global
+BATCH, LENGTH = 8, 16
+
+
+def make_model(preset: str = PRESET) -> Transformer:
+  return Transformer(get_preset(preset), rngs=nnx.Rngs(0))
+
+
+def make_batch(seed: int = 0, batch: int = BATCH, length: int = LENGTH) -> dict[str, np.ndarray]:
+  """A packed SFT batch: two examples per row, loss on the second half of each, padded tail."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, 512, (batch, length + 1)).astype(np.int32)
+  cut, end = length // 2 - 1, length - 2
+  segment_ids = np.zeros((batch, length), np.int32)
+  segment_ids[:, :cut], segment_ids[:, cut:end] = 1, 2
+  positions = np.zeros((batch, length), np.int32)
+  positions[:, :cut] = np.arange(cut)
+  positions[:, cut:end] = np.arange(end - cut)
+  loss_mask = ((positions >= 3) & (segment_ids > 0)).astype(np.float32)
+  return {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': loss_mask,
+          'positions': positions, 'segment_ids': segment_ids}
+
+
+def make_train_step(graphdef, tx):
+  """Pure step like the trainer's: masked float32 token cross-entropy, AdamW update."""
+
+  def loss_fn(params, batch):
+    logits_BTV, _ = nnx.merge(graphdef, params)(
+        batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids'])
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    target_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None], axis=-1)[..., 0]
+    loss_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
+    return jnp.sum(loss_BT * batch['loss_mask']) / jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
+
+  def step(state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], batch)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    return {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state}, loss
+
+  return step
+
+
+def run_training(mesh=None, steps: int = 2, batches=None):
+  """(losses, final params as numpy) of `steps` AdamW steps; on `mesh` when given (state sharded
+  by the default rules, batches placed with put_batch, the step traced under use_mesh)."""
+  graphdef, params = nnx.split(make_model())
+  tx = optax.adamw(1e-3, weight_decay=0.1)
+  step = make_train_step(graphdef, tx)
+  state = {'params': params, 'opt_state': tx.init(params)}
+  batches = batches or [make_batch(i) for i in range(steps)]
+  losses = []
+  if mesh is None:
+    step = jax.jit(step)
+    for b in batches:
+      state, loss = step(state, {k: jnp.asarray(v) for k, v in b.items()})
+      losses.append(float(loss))
+  else:
+    state_sh = sh.param_shardings(state, mesh)
+    state = jax.device_put(state, state_sh)
+    step = jax.jit(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
+                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+    with sh.use_mesh(mesh):
+      for b in batches:
+        state, loss = step(state, sh.put_batch(b, mesh))
+        losses.append(float(loss))
+  return losses, state['params']
+
+
+def greedy_decode(model, prompt_BT, mesh=None, steps: int = 6, cache_length: int = 24):
+  """Cached greedy decoding in one jitted function: prefill, then a fori_loop of 1-token steps."""
+  graphdef, params = nnx.split(model)
+  B, T = prompt_BT.shape
+  cache = model.init_cache(B, cache_length)
+
+  def decode(params, prompt_BT, cache):
+    m = nnx.merge(graphdef, params)
+    pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, cache = m(prompt_BT, pos_BT, jnp.ones_like(prompt_BT), cache)
+    out_BS = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(jnp.argmax(logits[:, -1], -1))
+
+    def body(i, carry):
+      out_BS, cache = carry
+      tok_B1 = jax.lax.dynamic_slice_in_dim(out_BS, i - 1, 1, axis=1)
+      pos_B1 = jnp.full((B, 1), T - 1 + i, jnp.int32)
+      logits, cache = m(tok_B1, pos_B1, jnp.ones_like(tok_B1), cache)
+      return out_BS.at[:, i].set(jnp.argmax(logits[:, -1], -1)), cache
+
+    return jax.lax.fori_loop(1, steps, body, (out_BS, cache))
+
+  if mesh is None:
+    out, _ = jax.jit(decode)(params, prompt_BT, cache)
+    return np.asarray(out)
+  p_sh, c_sh = sh.param_shardings(params, mesh), sh.cache_shardings(cache, mesh)
+  b_sh = sh.batch_sharding(mesh)
+  params, cache = jax.device_put(params, p_sh), jax.device_put(cache, c_sh)
+  with sh.use_mesh(mesh):
+    out, cache = jax.jit(decode, in_shardings=(p_sh, b_sh, c_sh), out_shardings=(b_sh, c_sh))(
+        params, jax.device_put(prompt_BT, b_sh), cache)
+  assert cache['layers'][0]['k'].sharding.is_equivalent_to(c_sh['layers'][0]['k'], 4)
+  return np.asarray(out)
+
+
+def assert_trees_close(got, want, rtol=1e-5):
+  """Per tensor, ||got - want|| <= rtol * ||want|| (rtol=0: bitwise equal).
+
+  Norm-wise rather than element-wise: AdamW's first steps move each weight by about
+  lr * sign(grad), so a gradient entry that is ~0 up to float rounding (summed in a different
+  order on another mesh) may legitimately move differently; the tensor as a whole may not.
+  """
+  flat_got, flat_want = nnx.to_flat_state(got), nnx.to_flat_state(want)
+  assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
+  for (path, a), (_, b) in zip(flat_got, flat_want):
+    a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+    if rtol == 0:
+      np.testing.assert_array_equal(a, b, err_msg=str(path))
+    else:
+      err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+      assert err <= rtol, f'{path}: relative difference {err:.2e} > {rtol:.0e}'
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests (8 devices).
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+
+
+@pytest.fixture(scope='module')
+def reference_training():
+  return run_training()
+
+
+@pytest.mark.parametrize('shape', MESHES, ids=lambda s: 'x'.join(map(str, s)))
+def test_train_steps_equal_single_device(shape, reference_training):
+  mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
+  losses, params = run_training(mesh)
+  want_losses, want_params = reference_training
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  assert losses[1] < losses[0]  # the update did something
+  assert_trees_close(params, want_params, rtol=1e-5)
+  # The state really is sharded as the rules say.
+  emb = params['embedder']['input_embedding'].get_value()
+  want = sh.logical_to_spec(('vocab', 'embed'), emb.shape, mesh)
+  assert emb.sharding.spec == want and len(emb.sharding.device_set) == 8
+
+
+def test_sharded_greedy_decoding_equals_single_device():
+  model = make_model()
+  prompt = jnp.asarray(np.random.default_rng(3).integers(4, 512, (4, 7)), jnp.int32)
+  want = greedy_decode(model, prompt)
+  for shape in [(1, 1, 8), (2, 1, 4)]:
+    mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
+    np.testing.assert_array_equal(greedy_decode(model, prompt, mesh), want, err_msg=str(shape))
+
+
+def test_create_sharded_model_is_sharded_and_equals_plain_init():
+  mesh = sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  model = sh.create_sharded_model(make_model, mesh)
+  state = nnx.state(model)
+  q = state['layers'][0]['attn']['q_einsum']['w'].get_value()  # (N, D, H) = (4, 64, 16)
+  assert q.sharding.spec == P('tensor', 'fsdp', None)
+  assert q.addressable_shards[0].data.shape == (2, 32, 16)
+  want = jax.jit(lambda: nnx.state(make_model()))()  # same program, one device
+  assert_trees_close(state, want, rtol=0)
+  # shard_model places an existing model the same way.
+  placed = nnx.state(sh.shard_model(make_model(), mesh))
+  assert placed['layers'][0]['attn']['q_einsum']['w'].get_value().sharding.spec == q.sharding.spec
+
+
+def test_make_mesh_on_8_devices():
+  mesh = sh.make_mesh({'data': 2, 'fsdp': -1, 'tensor': 2})
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert mesh.axis_names == sh.MESH_AXES and mesh.devices.size == 8
+  assert dict(sh.make_mesh().shape) == {'data': 1, 'fsdp': 8, 'tensor': 1}
+  with pytest.raises(ValueError, match=r'product 6 does not equal the number of devices, 8'):
+    sh.make_mesh({'data': 3, 'fsdp': 2, 'tensor': 1})
+  with pytest.raises(ValueError, match=r'8 devices cannot be split evenly into 3'):
+    sh.make_mesh({'data': 3, 'fsdp': -1})
+
+
+def test_put_batch_places_rows_and_rejects_indivisible_batches():
+  mesh = sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  batch = make_batch()
+  placed = sh.put_batch(batch, mesh)
+  assert placed['tokens'].sharding.spec == P(('data', 'fsdp'), None)
+  np.testing.assert_array_equal(placed['tokens'], batch['tokens'])
+  assert placed['tokens'].addressable_shards[0].data.shape == (2, LENGTH)
+  bad = {k: v[:6] for k, v in batch.items()}
+  with pytest.raises(ValueError, match=r"batch\['tokens'\] has size 6 .* 4 shards of mesh axes "
+                                       r"\('data', 'fsdp'\)"):
+    sh.put_batch(bad, mesh)
+
+
+def test_constrain_applies_under_use_mesh_only():
+  mesh = sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  f = jax.jit(lambda x: sh.constrain(x * 2, ('batch', 'length', 'vocab')))
+  x = jnp.ones((4, 3, 8))
+  with sh.use_mesh(mesh):
+    y = f(x)
+  assert y.sharding.spec == P(('data', 'fsdp'), None, 'tensor')
+  with sh.use_mesh(mesh, sh.ShardingRules.no_sharding()):
+    y = jax.jit(lambda x: sh.constrain(x * 3, ('batch', 'length', 'vocab')))(x)
+  assert y.sharding.is_fully_replicated
+  assert f(x).sharding.is_fully_replicated or len(f(x).sharding.device_set) == 1
+
+
+def test_restore_onto_another_mesh(tmp_path):
+  """Save on (8,1,1), restore on (2,2,2) through gemma_jax.checkpoint: identical params."""
+  from gemma_jax.checkpoint import load_params, save_params
+  model = sh.create_sharded_model(make_model, sh.make_mesh({'data': 8}))
+  save_params(model, tmp_path / 'ckpt')
+  mesh = sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  abstract = nnx.eval_shape(make_model)
+  restored = load_params(tmp_path / 'ckpt', shardings=sh.param_shardings(abstract, mesh))
+  got, want = nnx.state(restored), nnx.state(model)
+  assert_trees_close(got, want, rtol=0)
+  w = got['layers'][1]['mlp']['gating_einsum'].get_value()
+  assert w.sharding.spec == P(None, 'fsdp', 'tensor') and w.sharding.mesh.shape == mesh.shape
