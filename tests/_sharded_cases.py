@@ -62,9 +62,16 @@ def make_train_step(graphdef, tx):
   return step
 
 
+def process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's share of a global batch: the i-th of jax.process_count() row blocks."""
+  n, i = jax.process_count(), jax.process_index()
+  rows = len(batch['tokens']) // n
+  return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+
+
 def run_training(mesh=None, steps: int = 2, batches=None):
-  """(losses, final params as numpy) of `steps` AdamW steps; on `mesh` when given (state sharded
-  by the default rules, batches placed with put_batch, the step traced under use_mesh)."""
+  """(losses, final params) of `steps` AdamW steps; on `mesh` when given (state sharded by the
+  default rules, each process's rows placed with put_batch, the step traced under use_mesh)."""
   graphdef, params = nnx.split(make_model())
   tx = optax.adamw(1e-3, weight_decay=0.1)
   step = make_train_step(graphdef, tx)
@@ -83,7 +90,7 @@ def run_training(mesh=None, steps: int = 2, batches=None):
                    out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
     with sh.use_mesh(mesh):
       for b in batches:
-        state, loss = step(state, sh.put_batch(b, mesh))
+        state, loss = step(state, sh.put_batch(process_rows(b), mesh))
         losses.append(float(loss))
   return losses, state['params']
 
