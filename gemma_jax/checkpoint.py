@@ -1,4 +1,4 @@
-"""Native params-only checkpoints: Orbax arrays, the ModelConfig as JSON and the tokenizer, together.
+"""Native params-only checkpoints: Orbax arrays, the ModelConfig as JSON and the tokenizer.
 
 Layout of a checkpoint directory (what `sample.py --ckpt DIR` and `load_params` read):
 ```

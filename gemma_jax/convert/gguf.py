@@ -106,6 +106,19 @@ def _matching_preset(family: int, L: int, D: int, F: int, N: int, K: int, H: int
   return None
 
 
+def _attention_types(reader, path: str, arch: str, L: int, period: int):
+  """Per-layer attention: `{arch}.attention.sliding_window_pattern` when present (a period, or
+  one bool per layer, True = sliding), else llama.cpp's default for the arch: `period - 1` local
+  layers then one global (Gemma 2: 2, Gemma 3: 6)."""
+  key = f'{arch}.attention.sliding_window_pattern'
+  pattern = _value(reader, key, period)
+  if isinstance(pattern, list):
+    if len(pattern) != L:
+      raise ValueError(f'{path}: {key} has {len(pattern)} entries for {L} layers.')
+    return tuple(LOCAL if sliding else GLOBAL for sliding in pattern)
+  return tuple(GLOBAL if (i + 1) % int(pattern) == 0 else LOCAL for i in range(L))
+
+
 def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
   """ModelConfig from a GGUF file's metadata (`{arch}.block_count`, `.embedding_length`, ...)."""
   arch = architecture(reader, path)
@@ -137,8 +150,7 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
   if family == 1:
     cfg = dict(attention_types=(GLOBAL,) * L)
   elif family == 2:
-    # Local first, then alternating (llama.cpp: every even layer slides).
-    cfg = dict(attention_types=tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(L)),
+    cfg = dict(attention_types=_attention_types(reader, path, arch, L, period=2),
                sliding_window=get('attention.sliding_window', 4096),
                attn_logits_soft_cap=get('attn_logit_softcapping', 50.0),
                final_logit_soft_cap=get('final_logit_softcapping', 30.0),
@@ -146,8 +158,7 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
                use_post_attn_norm=True, use_post_ffw_norm=True)
   else:
     scaling = get('rope.scaling.type', 'none', required=False)
-    # Five local layers, then one global (llama.cpp's swa pattern 6).
-    cfg = dict(attention_types=tuple(GLOBAL if (i + 1) % 6 == 0 else LOCAL for i in range(L)),
+    cfg = dict(attention_types=_attention_types(reader, path, arch, L, period=6),
                sliding_window=get('attention.sliding_window',
                                   preset.sliding_window if preset else None),
                query_pre_attn_scalar=preset.query_pre_attn_scalar if preset else H,

@@ -79,8 +79,8 @@ def read_official(path: str | os.PathLike) -> dict[str, np.ndarray]:
   tree = getattr(meta, 'item_metadata', meta)
   tree = getattr(tree, 'tree', tree)
   if not isinstance(tree, Mapping) or not tree:
-    raise ValueError(f'{path}: not an Orbax checkpoint (no parameter tree metadata found); pass the '
-                     'folder that holds the checkpoint\'s _METADATA file.')
+    raise ValueError(f'{path}: not an Orbax checkpoint (no parameter tree metadata found); pass '
+                     'the folder that holds the checkpoint\'s _METADATA file.')
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   log.info('%s: reading %d arrays', path, len(_flatten(tree)))
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
@@ -128,9 +128,9 @@ def load_official(path: str | os.PathLike, preset: str | ModelConfig, dtype=jnp.
   """
   config = get_preset(preset) if isinstance(preset, str) else preset
   source = os.fspath(path)
-  params = params_from_official(read_official(path), config, source)
+  arrays = read_official(path)
   try:
-    return model_from_params(config, params, dtype=dtype, param_dtype=param_dtype or dtype,
-                             source=source)
+    return model_from_params(config, params_from_official(arrays, config, source), dtype=dtype,
+                             param_dtype=param_dtype or dtype, source=source)
   except ValueError as e:
     raise ValueError(f'{e} Does the preset {config.name!r} match this checkpoint?') from e
