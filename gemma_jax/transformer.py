@@ -11,8 +11,14 @@ from flax import nnx
 from gemma_jax.attention import Attention, init_layer_cache
 from gemma_jax.config import ModelConfig
 from gemma_jax.layers import RMSNorm, fan_in_normal, param, soft_cap
+from gemma_jax.sharding import constrain
 
 Cache = dict[str, Any]  # {'end_index': int32 scalar, 'layers': [layer cache, ...]}
+
+# Logical axes of the residual stream and the logits, constrained at block boundaries so that the
+# partitioner keeps activations batch-sharded (and replicated over 'tensor') under any mesh.
+ACT_BTD = ('batch', 'length', 'embed')
+ACT_BTV = ('batch', 'length', 'vocab')
 
 # Remat policies accepted by Transformer(remat=...): what a block keeps for the backward pass.
 REMAT_POLICIES = {
@@ -127,15 +133,17 @@ class Transformer(nnx.Module):
     if REMAT_POLICIES[self.remat] is not None:
       block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
 
-    x_BTD = self.embedder.encode(tokens_BT)
+    x_BTD = constrain(self.embedder.encode(tokens_BT), ACT_BTD)
     new_layer_caches = []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache['layers'][i]
       x_BTD, layer_cache = block_fn(block, x_BTD, positions, segment_ids, layer_cache, end_index)
+      x_BTD = constrain(x_BTD, ACT_BTD)  # a no-op without a mesh (see gemma_jax.sharding)
       new_layer_caches.append(layer_cache)
     x_BTD = self.final_norm(x_BTD)
     logits_BTV = soft_cap(self.embedder.decode(x_BTD).astype(jnp.float32),
                           self.config.final_logit_soft_cap)
+    logits_BTV = constrain(logits_BTV, ACT_BTV)
     new_cache = None
     if cache is not None:
       new_cache = {'end_index': cache['end_index'] + T, 'layers': new_layer_caches}

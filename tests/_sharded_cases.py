@@ -244,3 +244,18 @@ def test_restore_onto_another_mesh(tmp_path):
   assert_trees_close(got, want, rtol=0)
   w = got['layers'][1]['mlp']['gating_einsum'].get_value()
   assert w.sharding.spec == P(None, 'fsdp', 'tensor') and w.sharding.mesh.shape == mesh.shape
+
+
+def test_transformer_constrains_activations_at_block_boundaries():
+  """Under use_mesh the forward pins x_BTD after the embedding and each block, and the logits."""
+  graphdef, params = nnx.split(make_model())
+  forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])
+  tokens = jnp.zeros((8, 4), jnp.int32)
+  assert 'sharding_constraint' not in forward.lower(params, tokens).as_text()
+  with sh.use_mesh(sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})):
+    lines = [l for l in forward.lower(params, tokens).as_text().splitlines()
+             if 'sdy.sharding_constraint' in l]
+  num_layers = get_preset(PRESET).num_layers
+  assert len(lines) == num_layers + 2
+  assert sum('[{"data", "fsdp"}, {}, {}]' in l for l in lines) == num_layers + 1
+  assert '[{"data", "fsdp"}, {}, {"tensor"}]' in lines[-1]
