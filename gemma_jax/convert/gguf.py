@@ -148,9 +148,10 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
                 max_seq_len=get('context_length', 8192),
                 rope_base_global=float(get('rope.freq_base', 10_000.0)))
   if family == 1:
-    cfg = dict(attention_types=(GLOBAL,) * L)
+    cfg = dict(attention_types=(GLOBAL,) * L, rope_base_local=common['rope_base_global'])
   elif family == 2:
     cfg = dict(attention_types=_attention_types(reader, path, arch, L, period=2),
+               rope_base_local=common['rope_base_global'],
                sliding_window=get('attention.sliding_window', 4096),
                attn_logits_soft_cap=get('attn_logit_softcapping', 50.0),
                final_logit_soft_cap=get('final_logit_softcapping', 30.0),
