@@ -328,6 +328,7 @@ def test_sliding_window_pattern(pattern, tmp_path):
   assert ''.join('L' if t == AttentionType.LOCAL else 'G' for t in types) == want
 
 
+@pytest.mark.slow  # ~40 s: reads the GGUF file again; the CLI itself is tested on tiny files.
 def test_cli_converts_the_real_model(gguf_path, ours, tmp_path):
   """The README's first step: GGUF -> native bfloat16 checkpoint with its tokenizer."""
   from gemma_jax import checkpoint
