@@ -38,6 +38,7 @@ import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -362,6 +363,56 @@ def put_batch(batch: Mapping[str, Any], mesh: Mesh,
     out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value,
                                                       global_shape)
   return out
+
+
+def accumulate_gradients(grad_fn: Callable[[Any, Any], tuple[Any, Any]], params: Any,
+                         batch: Mapping[str, jax.Array], num_micro_batches: int, mesh: Mesh,
+                         rules: ShardingRules | Mapping | None = None) -> tuple[Any, Any]:
+  """Sums `grad_fn(params, micro_batch) -> (aux, grads)` over micro-batches of `batch` [B, ...].
+
+  Call it inside the jitted step. Micro-batch i holds rows i, i+k, i+2k, ... of each device's
+  rows, so no row moves between devices. With a 'data' axis > 1 each micro-batch's gradient stays
+  per data replica (a leading [data] dimension sharded over 'data': one param-sized shard per
+  device) and the replicas are summed once after the loop: one data-axis all-reduce per step, not
+  one per micro-batch. (FSDP's reduce-scatter still runs per micro-batch: it is what keeps the
+  gradient sharded.) Returns (aux summed, grads summed and sharded like `params`).
+  """
+  rules = as_rules(rules)
+  k = num_micro_batches
+  specs = partition_specs(params, mesh, rules)
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
+  data_free = all('data' not in jax.tree.leaves(tuple(s)) for s in flat_specs)
+  n = mesh.shape['data'] if 'data' in rules.batch and data_free else 1
+  rows = len(next(iter(batch.values())))
+  if rows % (n * k):
+    raise ValueError(f'accumulate_gradients: batch of {rows} rows does not split into '
+                     f'{k} micro-batches x {n} data replicas.')
+
+  def split(x):  # [B, ...] -> [k, n, B / (n k), ...] without moving rows between devices
+    return jnp.moveaxis(x.reshape(n, rows // (n * k), k, *x.shape[1:]), 2, 0)
+
+  micro = jax.tree.map(split, dict(batch))
+  if n > 1:  # inside the vmap, 'data' is taken by the replica axis
+    rules = dataclasses.replace(rules, batch=tuple(a for a in rules.batch if a != 'data'))
+  per_replica = jax.vmap(grad_fn, in_axes=(None, 0), spmd_axis_name='data' if n > 1 else None)
+  acc_sharding = jax.tree.map(lambda s: NamedSharding(mesh, P('data' if n > 1 else None, *s)),
+                              specs)
+
+  def body(acc, micro_batch):
+    aux, grads = per_replica(params, micro_batch)
+    grads = jax.lax.with_sharding_constraint(grads, acc_sharding)
+    return jax.tree.map(jnp.add, acc, (aux, grads)), None
+
+  token = _RULES.set(rules)  # what constrain() inside the model sees while the loop is traced
+  try:
+    abstract = jax.eval_shape(per_replica, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+    (aux, grads), _ = jax.lax.scan(body, zeros, micro)
+  finally:
+    _RULES.reset(token)
+  grads = jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g.sum(0), NamedSharding(mesh, s)),
+                       grads, specs)
+  return jax.tree.map(lambda a: a.sum(0), aux), grads
 
 
 # ---------------------------------------------------------------------------------------------

@@ -259,3 +259,59 @@ def test_transformer_constrains_activations_at_block_boundaries():
   assert len(lines) == num_layers + 2
   assert sum('[{"data", "fsdp"}, {}, {}]' in l for l in lines) == num_layers + 1
   assert '[{"data", "fsdp"}, {}, {"tensor"}]' in lines[-1]
+
+
+def _while_bodies(hlo: str) -> list[str]:
+  """Texts of the computations used as while-loop bodies in compiled HLO."""
+  import re
+  names = re.findall(r'\bwhile\(.*?body=%?([\w.\-]+)', hlo)
+  blocks = {}
+  for block in hlo.split('\n\n'):
+    m = re.match(r'\s*%?([\w.\-]+)\s', block.split('\n')[0].replace('ENTRY ', ''))
+    if m:
+      blocks[m.group(1)] = block
+  return [blocks[n] for n in names]
+
+
+def test_accumulated_gradients_equal_full_batch_and_all_reduce_once():
+  graphdef, params = nnx.split(make_model())
+  batch = make_batch(5, batch=16)
+  denom = batch['loss_mask'].sum()
+
+  def loss_fn(p, b):
+    logits_BTV, _ = nnx.merge(graphdef, p)(b['tokens'], positions=b['positions'],
+                                           segment_ids=b['segment_ids'])
+    target_BT = jnp.take_along_axis(logits_BTV, b['targets'][..., None], axis=-1)[..., 0]
+    loss_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT
+    return jnp.sum(loss_BT * b['loss_mask']) / denom
+
+  grad_fn = jax.value_and_grad(loss_fn)
+  want_loss, want_grads = jax.jit(grad_fn)(params, batch)
+  for shape in [(8, 1, 1), (2, 2, 2)]:
+    mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
+    p_sh = sh.param_shardings(params, mesh)
+    step = jax.jit(lambda p, b: sh.accumulate_gradients(grad_fn, p, b, 2, mesh),
+                   in_shardings=(p_sh, sh.batch_sharding(mesh)), out_shardings=(None, p_sh))
+    with sh.use_mesh(mesh):
+      args = (jax.device_put(params, p_sh), sh.put_batch(batch, mesh))
+      loss, grads = step(*args)
+      hlo = step.lower(*args).compile().as_text()
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert_trees_close(grads, want_grads, rtol=1e-5)
+    bodies = _while_bodies(hlo)
+    assert len(bodies) == 1, shape
+    if shape == (8, 1, 1):  # pure data parallelism: nothing crosses devices inside the loop
+      assert 'all-reduce' not in bodies[0] and 'all-reduce' in hlo
+  # The detector is not vacuous: a plain scan over micro-batches all-reduces inside its body.
+  mesh = sh.make_mesh({'data': 8})
+
+  def naive(p, b):
+    micro = jax.tree.map(lambda x: x.reshape(2, 8, *x.shape[1:]), b)
+    zeros = jax.tree.map(jnp.zeros_like, p)
+    return jax.lax.scan(lambda acc, mb: (jax.tree.map(jnp.add, acc, grad_fn(p, mb)[1]), None),
+                        zeros, micro)[0]
+
+  p_sh = sh.param_shardings(params, mesh)
+  hlo = jax.jit(naive, in_shardings=(p_sh, sh.batch_sharding(mesh)), out_shardings=p_sh).lower(
+      jax.device_put(params, p_sh), sh.put_batch(batch, mesh)).compile().as_text()
+  assert 'all-reduce' in _while_bodies(hlo)[0]
