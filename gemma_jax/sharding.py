@@ -232,7 +232,11 @@ def _leaf_spec(x: Any, mesh: Any, rules: ShardingRules) -> P:
   if isinstance(x, nnx.Variable):
     axes = x.get_metadata().get('logical_axes')
     shape = np.shape(x.get_value())
-    return P() if axes is None else logical_to_spec(axes, shape, mesh, rules)
+    # Optimiser statistics of another rank than their parameter (Adafactor's factored moments)
+    # carry the parameter's metadata: they are small, replicate them.
+    if axes is None or len(axes) != len(shape):
+      return P()
+    return logical_to_spec(axes, shape, mesh, rules)
   return P()
 
 

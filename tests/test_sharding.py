@@ -101,6 +101,19 @@ def test_param_shardings_cover_every_parameter():
   assert len(by_name) == len(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
 
 
+def test_optimizer_states_get_their_parameters_shardings():
+  mesh = _abstract_mesh(1, 2, 4)
+  params = nnx.state(nnx.eval_shape(lambda: Transformer(get_preset('tiny-gemma2'),
+                                                        rngs=nnx.Rngs(0))), nnx.Param)
+  adamw = sh.partition_specs(jax.eval_shape(optax.adamw(1e-3).init, params), mesh)
+  assert adamw[0].mu['embedder']['input_embedding'].get_value() == P('tensor', 'fsdp')
+  assert adamw[0].count == P()
+  # Adafactor's factored statistics have another rank than their parameter: replicated.
+  adafactor = sh.partition_specs(jax.eval_shape(optax.adafactor(1e-3).init, params), mesh)
+  specs = jax.tree.leaves(adafactor, is_leaf=lambda s: isinstance(s, P))
+  assert specs and all(isinstance(s, P) for s in specs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mesh shapes and errors (the pure part; tests/_sharded_cases.py builds real meshes).
 
