@@ -7,6 +7,7 @@ listed in gemma_jax/train_setup.py; `--config.a.b=value` overrides one (unknown 
 before any work). The final params-only checkpoint for sample.py lands in WORKDIR/final.
 """
 
+import importlib.util
 import sys
 
 from absl import app
@@ -23,6 +24,39 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _unknown_overrides(argv) -> list[str]:
+  """The `--config.a.b=v` arguments whose key is not in the config file's config."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if path is None:
+    return []
+  spec = importlib.util.spec_from_file_location('train_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  bad = []
+  for arg in argv:
+    if arg.startswith('--config.'):
+      node = config
+      for part in arg[len('--config.'):].split('=', 1)[0].split('.'):
+        if not hasattr(node, 'keys') or part not in node:
+          bad.append(arg)
+          break
+        node = node[part]
+  return bad
+
+
+def _parse_flags(argv):
+  """absl's parsing, with errors that name the offending --config override."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    unknown = _unknown_overrides(argv)
+    reason = (f'unknown config key in {", ".join(unknown)} (every key is listed in '
+              'gemma_jax/train_setup.py)' if unknown else str(e))
+    print(f'train.py: error: {reason}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -36,4 +70,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -40,7 +40,7 @@ def get_config():
 
   c.optimizer.name = 'adamw'
   c.optimizer.weight_decay = 0.01
-  c.optimizer.warmup_steps = 40
+  c.optimizer.warmup_steps = 20
   c.optimizer.decay = 'cosine'
   c.optimizer.clip_norm = 1.0
 

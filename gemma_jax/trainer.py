@@ -285,8 +285,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         last = _read_metrics(writer, manager, config, *pending)
         pending = None
         save(step)
+        writer.mark_start(step)  # tokens/s and ETA count training steps only
       if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
         last_eval = run_eval(step)
+        writer.mark_start(step)
     if pending is not None:
       last = _read_metrics(writer, manager, config, *pending)
   finally:

@@ -1,0 +1,106 @@
+"""train.py as users run it: overrides, unknown keys, and resuming after SIGKILL."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gemma_jax import checkpoint, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
+
+
+def _overrides(tmp_path):
+  train = tmp_path / 'train.jsonl'
+  with open(os.path.join(ROOT, 'data', 'quickstart_train.jsonl')) as f:
+    train.write_text(''.join(next(f) for _ in range(48)))
+  return {'steps': 8, 'batch_size': 4, 'seq_len': 32, 'model.preset': 'tiny-gemma1',
+          'checkpoint_every': 2, 'keep_checkpoints': 3, 'log_every': 1, 'eval_every': 0,
+          'exact_match.examples': 0, 'data.path': str(train), 'optimizer.warmup_steps': 2}
+
+
+def _flags(config, workdir, overrides):
+  return ([f'--config={config}', f'--workdir={workdir}']
+          + [f'--config.{k}={v}' for k, v in overrides.items()])
+
+
+def _run(args, **kw):
+  return subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, **kw)
+
+
+def _load_config(path, overrides):
+  spec = importlib.util.spec_from_file_location('config_under_test', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for key, value in overrides.items():
+    group, _, name = key.rpartition('.')
+    (c[group] if group else c)[name] = value
+  return c
+
+
+def _train_records(workdir):
+  """Per-step training metrics, without the wall-clock ones."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in r.items() if k not in ('step_time_s', 'tokens_per_s')}
+            for r in map(json.loads, f) if 'loss' in r]
+
+
+def test_unknown_override_fails_before_any_work(tmp_path):
+  workdir = tmp_path / 'run'
+  for bad in ('--config.optimizer.warmup=3', '--config.stepz=3', '--config.steps=many'):
+    result = _run(['train.py', f'--config={QUICKSTART}', f'--workdir={workdir}', bad])
+    assert result.returncode != 0
+    assert bad.split('=')[0].removeprefix('--config.') in result.stderr, result.stderr[-2000:]
+    assert not workdir.exists()
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+  """8 steps in one go vs. killed (SIGKILL) while saving step 6, then the same command again:
+  the same losses at every step (so the same batches) and bit-identical final params."""
+  overrides = _overrides(tmp_path)
+  straight = str(tmp_path / 'straight')
+  trainer.train(_load_config(QUICKSTART, overrides), straight)
+
+  workdir = str(tmp_path / 'killed')
+  args = _flags(QUICKSTART, workdir, overrides)
+  killer = (
+      'import os, runpy, signal, sys\n'
+      'from gemma_jax import train_setup\n'
+      'save = train_setup.save\n'
+      'def save_then_die(manager, step, *a, **k):\n'
+      '  save(manager, step, *a, **k)\n'
+      '  if step == 6:\n'
+      '    os.kill(os.getpid(), signal.SIGKILL)\n'
+      'train_setup.save = save_then_die\n'
+      f'sys.argv = ["train.py"] + {args!r}\n'
+      'runpy.run_path("train.py", run_name="__main__")\n')
+  # The killed and the resumed process run the same programs: share their compilations.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  result = _run(['-c', killer], env=env)
+  assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+  # The save of step 6 was cut short: Orbax never renamed its temporary directory, so the
+  # newest checkpoint is step 4.
+  entries = os.listdir(os.path.join(workdir, 'checkpoints'))
+  assert sorted(d for d in entries if d.isdigit()) == ['2', '4']
+  assert any(d.startswith('6.') for d in entries), entries
+
+  result = _run(['train.py'] + args, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step 4' in result.stdout
+
+  assert [r['step'] for r in _train_records(workdir)] == list(range(1, 9))
+  assert _train_records(workdir) == _train_records(straight)
+  a = nnx.state(checkpoint.load_params(os.path.join(straight, 'final')), nnx.Param)
+  b = nnx.state(checkpoint.load_params(os.path.join(workdir, 'final')), nnx.Param)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
