@@ -1,0 +1,455 @@
+"""KV-cached sampling: batched prefill, one compiled decode loop, sampling rules, chat sessions.
+
+How a call runs. Prompts are tokenized (BOS once), left-padded to a length bucket (segment id 0 on
+the padding, true positions on the real tokens) and all but each row's last token are written to
+the cache in one forward (`_prefill`; its logits are dead code, so XLA never computes the
+prefix's [B, T, V] output head). Then `_decode`, a single jitted `lax.while_loop`, feeds the
+pending token of every row, samples the next one and stops when every row has stopped or the step
+limit is reached. The first iteration feeds the prompt's last token, so one compiled program
+serves all steps. Compiled functions are module-level `jax.jit`s keyed by (graphdef, shapes,
+sampling rules), so repeated calls never retrace; the cache and loop state are donated.
+
+Streaming decodes in chunks of `stream_chunk` steps with the same compiled `_decode` (its step
+limit is a traced argument), handing text to the caller between chunks; non-streaming calls run
+the whole budget in one call, with no host round trip per token. Stop strings are matched on the
+host between chunks (chunks of 16 steps when not streaming).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_MIN_BUCKET = 16  # shortest prefill / output-buffer bucket (powers of two above it)
+_STOP_STRING_CHUNK = 16  # decode steps between host-side stop-string checks
+_STOP_IDS_PAD = 8  # stop-id arrays are padded (with -1) to a multiple of this, bounding recompiles
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How the next token is drawn from the logits, in this order: temperature, top-k, top-p.
+
+  temperature: logits are divided by it; 0 means greedy (argmax; top_k/top_p then do nothing).
+  top_k: keep the k most likely tokens (0: all).
+  top_p: then keep the smallest most-likely set whose probability reaches top_p (1.0: all).
+  The draw is reproducible for a seed: row i of a call uses the key fold_in(key(seed), i).
+  """
+
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if not self.temperature >= 0:  # also rejects NaN
+      raise ValueError(f'SamplingParams: temperature must be >= 0, got {self.temperature}.')
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+      raise ValueError(f'SamplingParams: top_k must be an integer >= 0, got {self.top_k!r}.')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'SamplingParams: top_p must be in (0, 1], got {self.top_p}.')
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, sampling: SamplingParams) -> jax.Array:
+  """Draws one token id per row from float32 logits [B, V] with one PRNG key per row."""
+  if sampling.greedy:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+  V = logits_BV.shape[-1]
+  k = min(sampling.top_k, V) if sampling.top_k else (V if sampling.top_p < 1 else 0)
+  if k == 0:
+    return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+  vals_BK, idx_BK = jax.lax.top_k(logits_BV, k)  # sorted, most likely first
+  if sampling.top_p < 1:
+    probs_BK = jax.nn.softmax(vals_BK, axis=-1)
+    mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+    vals_BK = jnp.where(mass_before_BK < sampling.top_p, vals_BK, -jnp.inf)
+  choice_B = jax.vmap(jax.random.categorical)(keys_B, vals_BK)
+  return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('cache',))
+def _prefill(graphdef, state, cache, tokens_BT, positions_BT, segment_ids_BT):
+  """Writes T tokens per row into the cache; the logits are unused (and not computed)."""
+  _, cache = nnx.merge(graphdef, state)(tokens_BT, positions_BT, segment_ids_BT, cache)
+  return cache
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'sampling', 'pad_id'),
+                   donate_argnames=('carry',))
+def _decode(graphdef, state, carry, stop_ids, limit, *, sampling, pad_id):
+  """Steps until every row is done or `carry['step'] == limit`.
+
+  carry: cache; token_B (sampled, not yet in the cache), position_B (its position), done_B,
+  step (tokens generated so far), keys_B (per-row PRNG keys), tokens_BN (output buffer, pad_id
+  after a row stops) and optionally logits_BNV (the logits each token was drawn from).
+  """
+
+  def cond(c):
+    return (c['step'] < limit) & ~jnp.all(c['done'])
+
+  def body(c):
+    model = nnx.merge(graphdef, state)
+    active_B1 = (~c['done'])[:, None].astype(jnp.int32)  # finished rows feed padding
+    logits_B1V, cache = model(c['token'][:, None], c['position'][:, None], active_B1, c['cache'])
+    logits_BV = logits_B1V[:, 0]
+    keys_B = jax.vmap(jax.random.fold_in, (0, None))(c['keys'], c['step'])
+    token_B = jnp.where(c['done'], pad_id, sample_logits(logits_BV, keys_B, sampling))
+    new = dict(c, cache=cache, token=token_B, position=c['position'] + 1, step=c['step'] + 1,
+               done=c['done'] | jnp.isin(token_B, stop_ids),
+               tokens=jax.lax.dynamic_update_slice(c['tokens'], token_B[:, None], (0, c['step'])))
+    if 'logits' in c:
+      new['logits'] = jax.lax.dynamic_update_slice(c['logits'], logits_BV[:, None], (0, c['step'], 0))
+    return new
+
+  return jax.lax.while_loop(cond, body, carry)
+
+
+def _bucket(n: int) -> int:
+  """Smallest power of two >= n (at least _MIN_BUCKET)."""
+  return max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+@dataclasses.dataclass
+class Completion:
+  """One prompt's result.
+
+  tokens: the generated ids, ending with the stop token (or the token completing a stop string)
+    when the row stopped; text: their decoded text without that stop token / stop string (None
+    without a tokenizer); finish_reason: 'stop' or 'length'; logits: [len(tokens), V] float32,
+    the logits each token was drawn from (only with `return_logits=True`).
+  """
+
+  prompt: str | list[int]
+  text: str | None
+  tokens: list[int]
+  finish_reason: str
+  logits: np.ndarray | None = None
+
+
+class SampleStream:
+  """Iterator returned by `stream=True` calls: yields the new text after each decoded chunk (for
+  `Sampler.sample` a list with one piece per prompt, '' where nothing is new; for
+  `ChatSession.send` a str). Once exhausted, `.result` holds what the non-streaming call returns."""
+
+  def __init__(self, gen: Iterator[Any]):
+    self._gen = gen
+    self.result: Any = None
+
+  def __iter__(self) -> Iterator[Any]:
+    self.result = yield from self._gen
+
+
+class Sampler:
+  """Samples from a `Transformer` with a KV cache of `cache_length` tokens per row.
+
+  The sampler holds the model's parameters as they are at construction (create a new Sampler to
+  sample from updated weights). `tokenizer` (a `gemma_jax.tokenizer.Tokenizer`) may be None: then
+  prompts must be token-id lists, nothing stops a row but `stop_tokens`, and texts are None.
+  `cache_dtype` defaults to the model's compute dtype. `stream_chunk`: decode steps per streamed
+  piece.
+  """
+
+  def __init__(self, model, tokenizer=None, *, cache_length: int = 1024, cache_dtype=None,
+               stream_chunk: int = 4):
+    if cache_length < 2:
+      raise ValueError(f'Sampler: cache_length must be >= 2, got {cache_length}.')
+    self.model = model
+    self.tokenizer = tokenizer
+    self.cache_length = cache_length
+    self.cache_dtype = cache_dtype
+    self.stream_chunk = stream_chunk
+    self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
+    self._graphdef, self._state = nnx.split(model)
+
+  def encode(self, prompt: str | Sequence[int]) -> list[int]:
+    """Token ids of a prompt: text gets BOS prepended once; an id list is used as is."""
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ValueError('Sampler has no tokenizer: pass prompts as lists of token ids.')
+      return self.tokenizer.encode(prompt, add_bos=True)
+    ids = [int(i) for i in prompt]
+    if not ids:
+      raise ValueError('Sampler: a token-id prompt is empty; it needs at least one token.')
+    return ids
+
+  def _stops(self, stop_tokens) -> tuple[list[int], list[str]]:
+    """(stop ids, stop strings): eos and end_of_turn (with a tokenizer) plus `stop_tokens`."""
+    ids = [] if self.tokenizer is None else [self.tokenizer.eos_id, self.tokenizer.end_of_turn_id]
+    strings = []
+    for s in stop_tokens or ():
+      if isinstance(s, str):
+        if not s or self.tokenizer is None:
+          raise ValueError(f'Sampler: stop string {s!r} must be non-empty and needs a tokenizer.')
+        strings.append(s)
+      else:
+        ids.append(int(s))
+    return sorted(set(ids)), strings
+
+  def _check_length(self, used: int, max_new_tokens: int, what: str) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or (
+        max_new_tokens < 1):
+      raise ValueError(f'Sampler: max_new_tokens must be a positive integer, got {max_new_tokens!r}.')
+    if used + max_new_tokens > self.cache_length:
+      raise ValueError(
+          f'Sampler: {what} ({used} tokens) + max_new_tokens ({max_new_tokens}) exceeds '
+          f'cache_length={self.cache_length}; shorten it or create the Sampler with a larger '
+          'cache_length.')
+
+  def _prefill(self, cache, tokens_BT, positions_BT, segment_ids_BT):
+    return _prefill(self._graphdef, self._state, cache, jnp.asarray(tokens_BT, jnp.int32),
+                    jnp.asarray(positions_BT, jnp.int32), jnp.asarray(segment_ids_BT, jnp.int32))
+
+  def _prefill_fresh(self, ids: list[list[int]], max_new_tokens: int):
+    """A new cache holding every row's prompt but its last token, left-padded to a bucket."""
+    B, longest = len(ids), max(len(x) for x in ids)
+    cache = self.model.init_cache(B, self.cache_length, self.cache_dtype)
+    if longest == 1:
+      return cache
+    # The bucket never exceeds what the cache can hold next to max_new_tokens decode steps.
+    T = min(_bucket(longest - 1), self.cache_length - max_new_tokens)
+    tokens = np.full((B, T), self.pad_id, np.int32)
+    segment_ids = np.zeros((B, T), np.int32)
+    positions = np.zeros((B, T), np.int32)
+    for i, x in enumerate(ids):
+      n = len(x) - 1
+      if n:
+        tokens[i, T - n:], segment_ids[i, T - n:], positions[i, T - n:] = x[:-1], 1, np.arange(n)
+    return self._prefill(cache, tokens, positions, segment_ids)
+
+  def _prefill_more(self, cache, ids: list[int], position: int):
+    """Appends one row's tokens to a cache in power-of-two chunks (no padding, which would evict
+    live entries from the local layers' ring buffers), so at most log2(cache_length) shapes."""
+    start = 0
+    while start < len(ids):
+      n = 1 << ((len(ids) - start).bit_length() - 1)
+      pos = np.arange(position + start, position + start + n)[None]
+      cache = self._prefill(cache, [ids[start:start + n]], pos, np.ones_like(pos))
+      start += n
+    return cache
+
+  def _new_carry(self, cache, last_B, position_B, keys_B, max_new_tokens, return_logits):
+    B, n = len(last_B), _bucket(max_new_tokens)
+    carry = {
+        'cache': cache,
+        'token': jnp.asarray(last_B, jnp.int32),
+        'position': jnp.asarray(position_B, jnp.int32),
+        'done': jnp.zeros((B,), bool),
+        'step': jnp.zeros((), jnp.int32),
+        'keys': keys_B,
+        'tokens': jnp.full((B, n), self.pad_id, jnp.int32),
+    }
+    if return_logits:
+      carry['logits'] = jnp.zeros((B, n, self.model.config.vocab_size), jnp.float32)
+    return carry
+
+  def _run(self, carry, max_new_tokens, sampling, stop_ids, stop_strings, chunk):
+    """Decodes until done; yields (carry, tokens_BN, step, done_B) on the host after each chunk
+    (one chunk of the whole budget when `chunk` is None)."""
+    n_stop = max(_STOP_IDS_PAD, -(-len(stop_ids) // _STOP_IDS_PAD) * _STOP_IDS_PAD)
+    stop_arr = jnp.asarray(stop_ids + [-1] * (n_stop - len(stop_ids)), jnp.int32)
+    step = 0
+    while True:
+      limit = max_new_tokens if chunk is None else min(step + chunk, max_new_tokens)
+      carry = _decode(self._graphdef, self._state, carry, stop_arr, jnp.asarray(limit, jnp.int32),
+                      sampling=sampling, pad_id=self.pad_id)
+      tokens_BN, step, done_B = jax.device_get((carry['tokens'], carry['step'], carry['done']))
+      step = int(step)
+      if stop_strings:
+        hit = np.array([_stop_string_cut(self.tokenizer, row[:step], stop_strings) is not None
+                        for row in tokens_BN])
+        if (hit & ~done_B).any():
+          done_B = done_B | hit
+          carry['done'] = jnp.asarray(done_B)
+      yield carry, tokens_BN, step, done_B
+      if done_B.all() or step >= max_new_tokens:
+        return
+
+  def _completion(self, prompt, row, logits, stop_ids, stop_strings) -> Completion:
+    """Trims one row's generated ids at its first stop and decodes the text before it."""
+    ids = [int(t) for t in row]
+    reason, text_ids = 'length', ids
+    stop_at = next((j for j, t in enumerate(ids) if t in stop_ids), None)
+    if stop_at is not None:
+      ids, text_ids, reason = ids[:stop_at + 1], ids[:stop_at], 'stop'
+    text = None if self.tokenizer is None else self.tokenizer.decode(text_ids)
+    if stop_strings:
+      cut = _stop_string_cut(self.tokenizer, text_ids, stop_strings)
+      if cut is not None:
+        ids, text, reason = ids[:cut[0]], cut[1], 'stop'
+    return Completion(prompt, text, ids, reason, None if logits is None else logits[:len(ids)])
+
+  def _generate(self, ids, max_new_tokens, sampling, seed, stop_ids, stop_strings=(), chunk=None,
+                return_logits=False):
+    """Prefills token-id prompts and returns the `_run` generator over decoded chunks."""
+    cache = self._prefill_fresh(ids, max_new_tokens)
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(len(ids)))
+    carry = self._new_carry(cache, [x[-1] for x in ids], [len(x) - 1 for x in ids], keys_B,
+                            max_new_tokens, return_logits)
+    return self._run(carry, max_new_tokens, sampling, stop_ids, stop_strings, chunk)
+
+  def sample(self, prompts, max_new_tokens: int = 64, *, sampling: SamplingParams = GREEDY,
+             seed: int = 0, stop_tokens: Sequence[int | str] | None = None, stream: bool = False,
+             return_logits: bool = False) -> list[Completion] | SampleStream:
+    """Continues each prompt by up to `max_new_tokens` tokens.
+
+    prompts: a str, or a list of strs (BOS is prepended) or of token-id lists (used as is).
+    stop_tokens: extra stop ids or strings; rows always stop at `<eos>` and `<end_of_turn>` when
+      the sampler has a tokenizer. Rows stop independently; a finished row emits only padding.
+    stream: if True, returns a `SampleStream` of text pieces (`.result`: the completions).
+    return_logits: also return, per generated token, the float32 logits it was drawn from.
+    Returns one `Completion` per prompt, in order. Raises ValueError (before any compute) if the
+    list is empty or a prompt plus max_new_tokens does not fit in the cache.
+    """
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+      raise ValueError('Sampler.sample: the prompt list is empty.')
+    ids = [self.encode(p) for p in prompts]
+    lengths = [len(x) for x in ids]
+    self._check_length(max(lengths), max_new_tokens, f'prompt #{int(np.argmax(lengths))}')
+    if stream and self.tokenizer is None:
+      raise ValueError('Sampler.sample: stream=True needs a tokenizer to produce text.')
+    stop_ids, stop_strings = self._stops(stop_tokens)
+    chunk = self.stream_chunk if stream else (_STOP_STRING_CHUNK if stop_strings else None)
+    steps = self._generate(ids, max_new_tokens, sampling, seed, stop_ids, stop_strings, chunk,
+                           return_logits)
+
+    def results(carry, tokens_BN, step, with_logits):
+      logits = jax.device_get(carry['logits']) if with_logits else [None] * len(ids)
+      return [self._completion(p, tokens_BN[i, :step], logits[i], stop_ids, stop_strings)
+              for i, p in enumerate(prompts)]
+
+    if not stream:
+      for state in steps:
+        pass
+      return results(*state[:3], return_logits)
+
+    def pieces():
+      emitted = [''] * len(ids)
+      for state in steps:
+        yield [_delta(emitted, i, c.text) for i, c in enumerate(results(*state[:3], False))]
+      return results(*state[:3], return_logits)
+
+    return SampleStream(pieces())
+
+  def chat(self, *, system: str | None = None, sampling: SamplingParams = GREEDY,
+           seed: int = 0) -> ChatSession:
+    """A new multi-turn `ChatSession` with its own cache of `cache_length` tokens."""
+    return ChatSession(self, system=system, sampling=sampling, seed=seed)
+
+
+class ChatSession:
+  """A conversation in Gemma's control-token format that keeps its KV cache across turns.
+
+  Each `send` appends only the new tokens to the cache -- the previous reply's closing
+  `<end_of_turn>\\n` and the new user turn with the `<start_of_turn>model\\n` header -- and decodes
+  the reply until `<end_of_turn>` or `<eos>`. `history` holds the messages; `tokens_used` the cache
+  slots taken (out of `sampler.cache_length`).
+  """
+
+  def __init__(self, sampler: Sampler, *, system: str | None = None,
+               sampling: SamplingParams = GREEDY, seed: int = 0):
+    if sampler.tokenizer is None:
+      raise ValueError('ChatSession needs a Sampler with a tokenizer.')
+    self.sampler, self.system, self.sampling, self.seed = sampler, system, sampling, seed
+    self.history: list[dict[str, str]] = []
+    self._cache = None
+    self._pending: list[int] = []  # sampled tokens not yet in the cache
+    self._position = 0  # position of the first pending token
+    self.tokens_used = 0
+    self._busy = False
+
+  def send(self, message: str, max_new_tokens: int = 256, *,
+           stream: bool = False) -> Completion | SampleStream:
+    """Adds a user turn and returns the model's reply (`stream=True`: a `SampleStream` of str
+    pieces whose `.result` is the Completion). Raises ValueError when the conversation would
+    overflow the cache."""
+    s, tok = self.sampler, self.sampler.tokenizer
+    if self._busy:
+      raise ValueError('ChatSession: consume the previous streamed reply before sending again.')
+    if not isinstance(message, str):
+      raise ValueError(f'ChatSession.send: message must be a str, got {type(message).__name__}.')
+    user = {'role': 'user', 'content': message}
+    if self._cache is None:
+      msgs = ([{'role': 'system', 'content': self.system}] if self.system is not None else [])
+      ids = tok.encode(tok.format_chat(msgs + [user], add_generation_prompt=True), add_bos=True)
+    else:
+      ids = self._pending + tok.encode('\n' + tok.format_chat([user]), add_bos=False)
+    s._check_length(self.tokens_used + len(ids), max_new_tokens, 'the conversation so far')
+    if self._cache is None:
+      cache = s._prefill_fresh([ids], max_new_tokens)
+    else:
+      cache = s._prefill_more(self._cache, ids[:-1], self._position)
+    self._cache, self._busy = None, True  # donated: unusable until this turn completes
+    key = jax.random.fold_in(jax.random.key(self.seed), len(self.history))[None]
+    carry = s._new_carry(cache, [ids[-1]], [self._position + len(ids) - 1], key,
+                         max_new_tokens, False)
+    stop_ids, _ = s._stops(None)
+    steps = s._run(carry, max_new_tokens, self.sampling, stop_ids, [],
+                   s.stream_chunk if stream else None)
+
+    def finish(carry, tokens_BN, step):
+      reply = s._completion(message, tokens_BN[0, :step], None, stop_ids, [])
+      self._cache = carry['cache']
+      self.tokens_used = int(carry['cache']['end_index'])
+      self._position += len(ids) + step - 1
+      last = reply.tokens[-1]
+      self._pending = ([last] if reply.finish_reason == 'length' else []) + [tok.end_of_turn_id]
+      self.history += [user, {'role': 'model', 'content': reply.text}]
+      self._busy = False
+      return reply
+
+    if not stream:
+      for state in steps:
+        pass
+      return finish(*state[:3])
+
+    def pieces():
+      emitted = ['']
+      for state in steps:
+        text = s._completion(message, state[1][0, :state[2]], None, stop_ids, []).text
+        yield _delta(emitted, 0, text)
+      return finish(*state[:3])
+
+    return SampleStream(pieces())
+
+
+def _delta(emitted: list[str], i: int, text: str) -> str:
+  """The part of row i's `text` not yet emitted; holds back an incomplete UTF-8 tail."""
+  text = text.rstrip('\ufffd')
+  if not text.startswith(emitted[i]):  # detokenization revised earlier text: wait for more
+    return ''
+  new, emitted[i] = text[len(emitted[i]):], text
+  return new
+
+
+def _stop_string_cut(tokenizer, ids: Sequence[int], stop_strings: Sequence[str]):
+  """(n, text): the first n ids complete the earliest stop string; text is what precedes it.
+  None when no stop string occurs in the decoded ids."""
+  ids = [int(t) for t in ids]
+  text = tokenizer.decode(ids)
+  hits = [text.find(s) for s in stop_strings if s in text]
+  if not hits:
+    return None
+  lo, hi = 1, len(ids)  # smallest prefix whose text contains a stop string (monotone in n)
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if any(s in tokenizer.decode(ids[:mid]) for s in stop_strings):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo, text[:min(hits)]

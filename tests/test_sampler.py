@@ -1,0 +1,277 @@
+"""Sampler: logits equal a full forward at every step, parity with transformers' greedy generate
+(sliding-window test models and the real Gemma 3 270M), sampling rules, stops, chat, streaming."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from gemma_jax import sampler as sampler_lib
+from gemma_jax.config import get_preset
+from gemma_jax.convert import load_hf
+from gemma_jax.sampler import GREEDY, Sampler, SamplingParams, sample_logits
+from gemma_jax.transformer import Transformer
+from hf_models import FAMILIES, NORM_STD
+
+# Prompts of different lengths (token ids); the longest is longer than the window (8).
+PROMPTS = [[2, 17, 33, 91, 5], [2, 8], [2] + list(range(40, 60)), [2, 77, 78, 79, 80, 81, 82, 83, 84]]
+NEW = 40  # > 4 windows: the local layers' ring buffers wrap several times
+
+
+def _rel_err(ours, ref):
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def _full_logits(model, ids):
+  logits, _ = model(jnp.asarray([ids], jnp.int32))
+  return np.asarray(logits[0])
+
+
+@pytest.fixture(scope='module')
+def tiny_models():
+  return {name: Transformer(get_preset(name), rngs=nnx.Rngs(0))
+          for name in ['tiny-gemma1', 'tiny-gemma2', 'tiny-gemma3']}
+
+
+def _hf_window8(family):
+  """A random transformers model with window 8; post-norm scales ~5 make the block outputs
+  dominate the tied embedding, so greedy decoding does not just repeat the last token."""
+  config = FAMILIES[family]()
+  config.sliding_window = 8
+  config.initializer_range = 0.1
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'norm' in name:
+        p.normal_(5.0 if 'post' in name else 0.0, NORM_STD)
+  model.generation_config.eos_token_id = None
+  return model
+
+
+@pytest.fixture(scope='module', params=['gemma2', 'gemma3'])
+def hf_pair(request, tmp_path_factory):
+  hf = _hf_window8(request.param)
+  path = tmp_path_factory.mktemp(request.param)
+  hf.save_pretrained(path)
+  return request.param, hf, load_hf(path)
+
+
+@pytest.mark.parametrize('name', ['tiny-gemma1', 'tiny-gemma2', 'tiny-gemma3'])
+def test_decode_logits_equal_full_forward(tiny_models, name):
+  model = tiny_models[name]
+  s = Sampler(model, cache_length=64)
+  out = s.sample(PROMPTS, NEW, sampling=SamplingParams(temperature=1.0), seed=1,
+                 return_logits=True)
+  for ids, c in zip(PROMPTS, out):
+    assert len(c.tokens) == NEW and c.finish_reason == 'length'
+    full = _full_logits(model, ids + c.tokens)[len(ids) - 1:-1]
+    assert _rel_err(c.logits, full) <= 1e-5, name
+
+
+def test_hf_window8_logits_equal_full_forward(hf_pair):
+  family, _, model = hf_pair
+  out = Sampler(model, cache_length=64).sample(PROMPTS, NEW, return_logits=True)
+  for ids, c in zip(PROMPTS, out):
+    full = _full_logits(model, ids + c.tokens)[len(ids) - 1:-1]
+    assert _rel_err(c.logits, full) <= 1e-5, family
+
+
+def test_sliding_window_greedy_equals_transformers(hf_pair):
+  """A batch of left-padded prompts; each row equals transformers' greedy generate alone."""
+  family, hf, model = hf_pair
+  out = Sampler(model, cache_length=96).sample(PROMPTS, 48)
+  for ids, c in zip(PROMPTS, out):
+    with torch.no_grad():
+      ref = hf.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):]
+    assert c.tokens == ref.tolist(), family
+  assert len({t for c in out for t in c.tokens}) > 20  # not a degenerate repetition
+
+
+def test_top_k_1_equals_greedy(tiny_models):
+  s = Sampler(tiny_models['tiny-gemma3'], cache_length=64)
+  greedy = [c.tokens for c in s.sample(PROMPTS, 24)]
+  for seed in (0, 1):
+    top1 = s.sample(PROMPTS, 24, sampling=SamplingParams(temperature=1.5, top_k=1), seed=seed)
+    assert [c.tokens for c in top1] == greedy
+
+
+def _renormalised(logits, sampling):
+  """Reference distribution: softmax(logits / T), keep top-k, then the top-p nucleus."""
+  p = np.exp((logits - logits.max()) / sampling.temperature)
+  p /= p.sum()
+  order = np.argsort(-p, kind='stable')
+  keep = np.zeros_like(p, bool)
+  k = sampling.top_k or len(p)
+  kept = p[order[:k]] / p[order[:k]].sum()
+  before = np.cumsum(kept) - kept
+  keep[order[:k][before < sampling.top_p]] = True
+  q = np.where(keep, p, 0)
+  return q / q.sum()
+
+
+RULES = [SamplingParams(temperature=1.0, top_k=4), SamplingParams(temperature=1.0, top_p=0.7),
+         SamplingParams(temperature=0.7, top_k=6, top_p=0.8), SamplingParams(temperature=2.0)]
+
+
+@pytest.mark.parametrize('sampling', RULES, ids=str)
+def test_sampling_frequencies_match_distribution(sampling):
+  """20k draws with distinct keys (fixed seed): every frequency within 0.015 of the renormalised
+  probability (> 5 standard deviations for n = 20k) and none outside the kept set."""
+  logits = np.array([2.0, 1.5, 1.2, 1.0, 0.6, 0.5, 0.1, -0.3, -1.0, -2.0, 0.9, 1.4], np.float32)
+  n = 20_000
+  keys = jax.random.split(jax.random.key(0), n)
+  draws = sample_logits(jnp.broadcast_to(logits, (n, len(logits))), keys, sampling)
+  freq = np.bincount(np.asarray(draws), minlength=len(logits)) / n
+  ref = _renormalised(logits, sampling)
+  assert np.all(freq[ref == 0] == 0)
+  np.testing.assert_allclose(freq, ref, atol=0.015)
+
+
+def test_sampler_first_token_frequencies(tiny_models):
+  """Through the Sampler: 4096 rows of one prompt (row keys differ) match top-k/top-p."""
+  model = tiny_models['tiny-gemma2']
+  logits = _full_logits(model, PROMPTS[0])[-1]
+  top = np.sort(logits)[::-1]
+  # A temperature that spreads the top 5 over a factor e^2, so top-k and top-p both bind.
+  rule = SamplingParams(temperature=float(top[0] - top[4]) / 2, top_k=5, top_p=0.9)
+  out = Sampler(model, cache_length=32).sample([PROMPTS[0]] * 4096, 1, sampling=rule, seed=3)
+  draws = np.array([c.tokens[0] for c in out])
+  ref = _renormalised(logits, rule)
+  freq = np.bincount(draws, minlength=len(ref)) / len(draws)
+  assert np.all(freq[ref == 0] == 0) and np.count_nonzero(ref) >= 3
+  np.testing.assert_allclose(freq, ref, atol=0.03)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch(tiny_models):
+  s = Sampler(tiny_models['tiny-gemma3'], cache_length=64)
+  rule = SamplingParams(temperature=1.0, top_p=0.95)
+  batch = s.sample(PROMPTS, 24, sampling=rule, seed=5)
+  again = s.sample(PROMPTS, 24, sampling=rule, seed=5)
+  assert [c.tokens for c in batch] == [c.tokens for c in again]
+  alone = s.sample(PROMPTS[:1], 24, sampling=rule, seed=5)
+  other = s.sample([PROMPTS[0], PROMPTS[2]], 24, sampling=rule, seed=5)
+  assert alone[0].tokens == batch[0].tokens == other[0].tokens
+  assert s.sample(PROMPTS[:1], 24, sampling=rule, seed=6)[0].tokens != alone[0].tokens
+
+
+def test_greedy_rows_independent_of_batch(tiny_models):
+  s = Sampler(tiny_models['tiny-gemma2'], cache_length=64)
+  batch = s.sample(PROMPTS, 30)
+  for ids, c in zip(PROMPTS, batch):
+    assert s.sample([ids], 30)[0].tokens == c.tokens
+
+
+def test_rows_stop_independently_and_then_emit_padding(tiny_models):
+  s = Sampler(tiny_models['tiny-gemma1'], cache_length=64)
+  free = s.sample(PROMPTS, 30)
+  stop = free[0].tokens[6]  # row 0 stops at its 7th token (or earlier if it repeats)
+  ids = [s.encode(p) for p in PROMPTS]
+  *_, (carry, tokens_BN, step, done) = s._generate(ids, 30, GREEDY, 0, [stop])
+  for i, c in enumerate(free):
+    k = c.tokens.index(stop) + 1 if stop in c.tokens else 30
+    assert list(tokens_BN[i, :k]) == c.tokens[:k]
+    assert np.all(tokens_BN[i, k:] == s.pad_id)  # padding after the stop
+    assert bool(done[i]) == (stop in c.tokens)
+  assert step == 30 or done.all()
+  stopped = s.sample(PROMPTS, 30, stop_tokens=[stop])
+  assert stopped[0].finish_reason == 'stop' and stopped[0].tokens[-1] == stop
+  assert any(c.finish_reason == 'length' and len(c.tokens) == 30 for c in stopped)
+
+
+def test_decode_compiles_once_per_bucket(tiny_models):
+  s = Sampler(tiny_models['tiny-gemma1'], cache_length=64)
+  s.sample([[2, 3, 4]], 5)
+  sizes = (sampler_lib._decode._cache_size(), sampler_lib._prefill._cache_size())
+  s.sample([[2, 9, 9, 9, 9]], 7)  # same buckets (prefill 16, output 16): no new compile
+  s.sample([[2, 5]], 12, stop_tokens=[3])
+  assert (sampler_lib._decode._cache_size(), sampler_lib._prefill._cache_size()) == sizes
+
+
+def test_errors(tiny_models):
+  s = Sampler(tiny_models['tiny-gemma1'], cache_length=32)
+  with pytest.raises(ValueError, match='prompt list is empty'):
+    s.sample([], 4)
+  with pytest.raises(ValueError, match=r'prompt #1 \(30 tokens\) \+ max_new_tokens \(4\) exceeds '
+                                       r'cache_length=32'):
+    s.sample([[2, 3], [2] * 30], 4)
+  with pytest.raises(ValueError, match='max_new_tokens must be a positive integer'):
+    s.sample([[2, 3]], 0)
+  with pytest.raises(ValueError, match='no tokenizer'):
+    s.sample(['text'], 4)
+  with pytest.raises(ValueError, match='top_p must be in'):
+    SamplingParams(top_p=0.0)
+  with pytest.raises(ValueError, match='top_p must be in'):
+    SamplingParams(top_p=1.5)
+  with pytest.raises(ValueError, match='temperature must be >= 0'):
+    SamplingParams(temperature=-1.0)
+  with pytest.raises(ValueError, match='top_k must be an integer'):
+    SamplingParams(top_k=-2)
+
+
+# The real Gemma 3 270M (GGUF), against transformers loading the same file.
+
+REAL_PROMPTS = ['The capital of France is', 'def fibonacci(n):',
+                'Once upon a time, in a small village by the sea, there lived an old fisherman who']
+
+
+@pytest.fixture(scope='module')
+def real(gguf_path):
+  from gemma_jax.convert.gguf import load_gguf
+  model, tokenizer = load_gguf(gguf_path)
+  return model, tokenizer, Sampler(model, tokenizer, cache_length=256)
+
+
+def test_real_270m_batch_greedy_equals_transformers(real, gguf_path):
+  _, tok, s = real
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+  out = s.sample(REAL_PROMPTS, 64)
+  for prompt, c in zip(REAL_PROMPTS, out):
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+      ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                        eos_token_id=[tok.eos_id, tok.end_of_turn_id])[0, len(ids):].tolist()
+    assert c.tokens == ref, prompt
+    assert c.text == tok.decode(ref[:-1] if c.finish_reason == 'stop' else ref)
+  assert sum(len(c.tokens) for c in out) > 100
+
+
+def test_real_stream_pieces_add_up_to_the_text(real):
+  _, _, s = real
+  stream = s.sample(REAL_PROMPTS[:2], 24, stream=True)
+  pieces = list(stream)
+  assert len(pieces) >= 24 // s.stream_chunk
+  for i, c in enumerate(stream.result):
+    assert ''.join(p[i] for p in pieces) == c.text
+  assert [c.tokens for c in stream.result] == [c.tokens for c in s.sample(REAL_PROMPTS[:2], 24)]
+
+
+def test_real_stop_string(real):
+  _, tok, s = real
+  free = s.sample(['1, 2, 3, 4, 5,'], 30)[0]
+  assert ' 9,' in free.text
+  out = s.sample(['1, 2, 3, 4, 5,'], 30, stop_tokens=[' 9,'])[0]
+  assert out.finish_reason == 'stop' and out.text == free.text[:free.text.index(' 9,')]
+  assert ' 9,' in tok.decode(out.tokens) and ' 9,' not in tok.decode(out.tokens[:-1])
+
+
+def test_real_chat_keeps_its_cache(real):
+  """Turn 2 from the cache equals sampling the whole formatted conversation from scratch."""
+  _, tok, s = real
+  chat = s.chat()
+  first = chat.send('Name a color.', 12)
+  used = chat.tokens_used
+  second = chat.send('And a fruit?', 12)
+  assert chat.tokens_used > used and len(chat.history) == 4
+  # The same conversation as token ids: the reply's own tokens, closed by <end_of_turn>.
+  reply_ids = first.tokens[:-1] if first.finish_reason == 'stop' else first.tokens
+  ids = (tok.encode(tok.format_chat(chat.history[:1])) + reply_ids + [tok.end_of_turn_id]
+         + tok.encode('\n' + tok.format_chat(chat.history[2:3]), add_bos=False))
+  assert s.sample([ids], 12)[0].tokens == second.tokens
+  assert first.tokens == s.sample([tok.format_chat(chat.history[:1])], 12)[0].tokens
+  with pytest.raises(ValueError, match='the conversation so far'):
+    chat.send('x ' * 300, 12)
