@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ('data', 'fsdp', 'tensor')
 LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'vocab')
 MeshAxes = tuple[str, ...]  # one logical axis maps to zero or more mesh axes
+_ONE_DEVICE = jax.sharding.AbstractMesh((1, 1, 1), MESH_AXES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +173,10 @@ class ShardingRules:
       raise ValueError(f'config.sharding_rules: unknown logical axis name(s) {unknown}; known: '
                        f'{list(LOGICAL_AXES)}.')
     return cls(**{k: _mesh_axes(v, f'config.sharding_rules.{k}') for k, v in d.items()})
+
+  def to_config(self) -> dict[str, str]:
+    """{'batch': 'data,fsdp', 'length': '', ...}: flag-friendly strings for `from_config`."""
+    return {name: ','.join(getattr(self, name)) for name in LOGICAL_AXES}
 
   def mesh_axes(self, logical: str) -> MeshAxes:
     """The mesh axes of one logical axis name."""
@@ -370,7 +375,8 @@ def put_batch(batch: Mapping[str, Any], mesh: Mesh,
 
 
 def accumulate_gradients(grad_fn: Callable[[Any, Any], tuple[Any, Any]], params: Any,
-                         batch: Mapping[str, jax.Array], num_micro_batches: int, mesh: Mesh,
+                         batch: Mapping[str, jax.Array], num_micro_batches: int,
+                         mesh: Mesh | None = None,
                          rules: ShardingRules | Mapping | None = None) -> tuple[Any, Any]:
   """Sums `grad_fn(params, micro_batch) -> (aux, grads)` over micro-batches of `batch` [B, ...].
 
@@ -379,14 +385,15 @@ def accumulate_gradients(grad_fn: Callable[[Any, Any], tuple[Any, Any]], params:
   per data replica (a leading [data] dimension sharded over 'data': one param-sized shard per
   device) and the replicas are summed once after the loop: one data-axis all-reduce per step, not
   one per micro-batch. (FSDP's reduce-scatter still runs per micro-batch: it is what keeps the
-  gradient sharded.) Returns (aux summed, grads summed and sharded like `params`).
+  gradient sharded.) Returns (aux summed, grads summed and sharded like `params`). Without a
+  mesh it is a plain loop over micro-batches.
   """
   rules = as_rules(rules)
   k = num_micro_batches
-  specs = partition_specs(params, mesh, rules)
+  specs = partition_specs(params, _ONE_DEVICE if mesh is None else mesh, rules)
   flat_specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
   data_free = all('data' not in jax.tree.leaves(tuple(s)) for s in flat_specs)
-  n = mesh.shape['data'] if 'data' in rules.batch and data_free else 1
+  n = mesh.shape['data'] if mesh is not None and 'data' in rules.batch and data_free else 1
   rows = len(next(iter(batch.values())))
   if rows % (n * k):
     raise ValueError(f'accumulate_gradients: batch of {rows} rows does not split into '
@@ -399,24 +406,28 @@ def accumulate_gradients(grad_fn: Callable[[Any, Any], tuple[Any, Any]], params:
   if n > 1:  # inside the vmap, 'data' is taken by the replica axis
     rules = dataclasses.replace(rules, batch=tuple(a for a in rules.batch if a != 'data'))
   per_replica = jax.vmap(grad_fn, in_axes=(None, 0), spmd_axis_name='data' if n > 1 else None)
-  acc_sharding = jax.tree.map(lambda s: NamedSharding(mesh, P('data' if n > 1 else None, *s)),
-                              specs)
+  def sharded(tree, replica_axis):
+    if mesh is None:
+      return tree
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, P(*replica_axis, *s)), specs)
+    return jax.lax.with_sharding_constraint(tree, shardings)
 
   def body(acc, micro_batch):
     aux, grads = per_replica(params, micro_batch)
-    grads = jax.lax.with_sharding_constraint(grads, acc_sharding)
+    grads = sharded(grads, ['data' if n > 1 else None])
     return jax.tree.map(jnp.add, acc, (aux, grads)), None
 
   token = _RULES.set(rules)  # what constrain() inside the model sees while the loop is traced
   try:
     abstract = jax.eval_shape(per_replica, params, jax.tree.map(lambda x: x[0], micro))
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+    # Sums in float32 at least (bfloat16 gradients would lose the small micro-batch terms).
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)),
+                         abstract)
     (aux, grads), _ = jax.lax.scan(body, zeros, micro)
   finally:
     _RULES.reset(token)
-  grads = jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g.sum(0), NamedSharding(mesh, s)),
-                       grads, specs)
-  return jax.tree.map(lambda a: a.sum(0), aux), grads
+  aux, grads = jax.tree.map(lambda x, a: x.sum(0).astype(a.dtype), (aux, grads), abstract)
+  return aux, sharded(grads, [])
 
 
 # ---------------------------------------------------------------------------------------------

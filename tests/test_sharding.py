@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -188,3 +190,25 @@ def test_maybe_initialize_distributed_reads_the_environment(monkeypatch):
     sh.maybe_initialize_distributed()
   monkeypatch.setenv('GEMMA_JAX_DISTRIBUTED', '0')
   assert sh.maybe_initialize_distributed() is False
+
+
+def test_accumulate_gradients_without_a_mesh_equals_the_full_batch():
+  params = {'w': jax.random.normal(jax.random.key(0), (3, 5))}
+  batch = {'x': jax.random.normal(jax.random.key(1), (8, 3)), 'y': jnp.arange(8.0)[:, None]}
+
+  def grad_fn(p, b):  # loss normalised by the whole batch's 8 rows, as the trainer does
+    return jax.value_and_grad(lambda p: jnp.sum((b['x'] @ p['w'] - b['y']) ** 2) / 8)(p)
+
+  want_loss, want = grad_fn(params, batch)
+  loss, grads = jax.jit(lambda p, b: sh.accumulate_gradients(grad_fn, p, b, 4))(params, batch)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  np.testing.assert_allclose(grads['w'], want['w'], rtol=1e-5)
+  with pytest.raises(ValueError, match=r'batch of 8 rows does not split into 3 micro-batches'):
+    sh.accumulate_gradients(grad_fn, params, batch, 3)
+
+
+def test_rules_round_trip_through_config_strings():
+  rules = sh.ShardingRules(embed=('fsdp', 'tensor'), mlp=None)
+  cfg = rules.to_config()
+  assert cfg['embed'] == 'fsdp,tensor' and cfg['mlp'] == '' and cfg['batch'] == 'data,fsdp'
+  assert sh.ShardingRules.from_config(cfg) == rules
