@@ -34,24 +34,25 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0, *,
-               tokens_per_step: int = 0):
+               tokens_per_step: int = 0, enabled: bool = True):
     self.workdir = workdir
+    self.enabled = enabled  # False on processes other than the main one: format, write nothing
     self.total_steps = total_steps
     self.tokens_per_step = tokens_per_step
     self.path = os.path.join(workdir, METRICS_FILE)
+    self._file = self._tb = None
+    self._last_time = None
+    self._last_step = start_step
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self._truncate_after(start_step)
     self._file = open(self.path, 'a')
-    self._tb = None
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
     except ImportError:
       logging.warning('tensorboardX is not installed: no TensorBoard event files.')
-    self._last_time = None
-    self._last_step = start_step
-    self._start_time = time.time()
-    self._start_step = start_step
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
@@ -91,6 +92,8 @@ class MetricsWriter:
     return f'eval @ step {step}: ' + '  '.join(f'{k} {float(v):.4f}' for k, v in metrics.items())
 
   def _write(self, record: Mapping[str, Any], prefix: str) -> None:
+    if self._file is None:
+      return
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
     if self._tb is not None:
@@ -100,7 +103,8 @@ class MetricsWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

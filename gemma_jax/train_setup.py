@@ -20,6 +20,8 @@ Config reference (every key; configs/*.py start from `base_config()` and overrid
                       decay cosine|linear|constant, min_lr_ratio, clip_norm (0 = off),
                       grad_accum_steps (micro-batches per step; divides batch_size)
   mesh.data, mesh.fsdp, mesh.tensor   device-mesh axis sizes; one may be -1 (fills)
+  sharding_rules.*    logical axis -> mesh axes (gemma_jax.sharding.ShardingRules), e.g.
+                      --config.sharding_rules.embed=fsdp,tensor
   lora.rank, lora.alpha               0 = full fine-tuning (LoRA itself is not implemented yet)
   exact_match.examples, exact_match.max_new_tokens   held-out examples answered greedily and
                       scored by exact match before and after training (0 = off; JSONL data only)
@@ -41,6 +43,7 @@ from flax import nnx
 from gemma_jax import config as config_lib
 from gemma_jax import data as data_lib
 from gemma_jax import optim
+from gemma_jax import sharding
 from gemma_jax.transformer import REMAT_POLICIES, Transformer, flat_params, model_from_params
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -74,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                      weight_decay_exclude='norm', warmup_steps=0, decay='cosine',
                      min_lr_ratio=0.1, clip_norm=1.0, grad_accum_steps=1)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.sharding_rules = sharding.ShardingRules().to_config()
   c.lora = dict(rank=0, alpha=16.0)
   c.exact_match = dict(examples=0, max_new_tokens=32)
   return c
@@ -116,6 +120,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_lib.get_preset(c.model.preset)
     data_lib.resolve_config(c.data)
     optim.make_optimizer(c)
+    sharding.mesh_shape(c.mesh, jax.device_count())
+    sharding.ShardingRules.from_config(c.sharding_rules)
   except ValueError as e:
     raise ConfigError(f'config: {e}') from None
   for key in ('dtype', 'param_dtype'):
@@ -139,24 +145,6 @@ def model_config(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:
   if config.model.vocab_size:
     mc = mc.replace(vocab_size=int(config.model.vocab_size))
   return mc
-
-
-def make_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh over all devices; one axis may be -1 (fills the rest)."""
-  sizes = [int(mesh_config.data), int(mesh_config.fsdp), int(mesh_config.tensor)]
-  n = jax.device_count()
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f'config.mesh={sizes}: sizes must be positive, at most one -1.')
-  if -1 in sizes:
-    rest = int(np.prod([s for s in sizes if s != -1]))
-    if n % rest:
-      raise ConfigError(f'config.mesh={sizes}: {n} devices are not divisible by {rest}.')
-    sizes[sizes.index(-1)] = n // rest
-  if int(np.prod(sizes)) != n:
-    raise ConfigError(f'config.mesh={sizes} needs {int(np.prod(sizes))} devices; {n} are present.')
-  # Auto axes: jit propagates the explicit in/out shardings (explicit-axis typing is not needed).
-  return jax.make_mesh(tuple(sizes), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +248,10 @@ def build_model(config: ml_collections.ConfigDict, workdir: str, *, resume: bool
     params = nnx.state(model, nnx.Param)
     del loaded, model
   check_vocab(tokenizer, mc, config)
-  tokenizer.save(tok_path)
-  with open(mc_path, 'w') as f:
-    json.dump(mc.to_dict(), f, indent=2)
+  if sharding.is_main_process():
+    tokenizer.save(tok_path)
+    with open(mc_path, 'w') as f:
+      json.dump(mc.to_dict(), f, indent=2)
   return mc, tokenizer, params
 
 

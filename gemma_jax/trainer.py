@@ -27,11 +27,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma_jax import metrics as metrics_lib
 from gemma_jax import optim
+from gemma_jax import sharding
 from gemma_jax import train_setup
 
 State = dict[str, Any]
 Batch = Mapping[str, jax.Array]
-BATCH_KEYS = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,13 +72,15 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., Any]:
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum_steps: int = 1,
+                    mesh: Mesh | None = None, rules: sharding.ShardingRules | None = None,
                     ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
   """The pure (unjitted) train step.
 
   The loss is the mean cross-entropy over all target tokens of the batch (`loss_mask` == 1). With
-  `grad_accum_steps` = k the batch [B, T] is split into k micro-batches of B/k rows whose gradients
-  are summed, each micro-batch normalised by the whole batch's target count: the result equals the
-  gradient of the full batch up to float summation order.
+  `grad_accum_steps` = k the batch's rows are split into k micro-batches (see
+  `sharding.accumulate_gradients`; no row moves between devices) whose gradients are summed,
+  each normalised by the whole batch's target count: the result equals the gradient of the full
+  batch up to float summation order. `mesh`/`rules` shard the accumulated gradients.
   """
   grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest), has_aux=True)
   k = grad_accum_steps
@@ -89,18 +91,9 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     if k == 1:
       (loss, correct), grads = grad_fn(params, batch, num_targets)
     else:
-      micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
-
-      def accumulate(carry, micro_batch):
-        loss_acc, correct_acc, grads_acc = carry
-        (loss_i, correct_i), grads_i = grad_fn(params, micro_batch, num_targets)
-        return (loss_acc + loss_i, correct_acc + correct_i,
-                jax.tree.map(jnp.add, grads_acc, grads_i)), None
-
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-      (loss, correct, grads), _ = jax.lax.scan(accumulate, init, micro)
-      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+      micro_grad_fn = lambda p, b: grad_fn(p, b, num_targets)
+      (loss, correct), grads = sharding.accumulate_gradients(micro_grad_fn, params, batch, k,
+                                                             mesh, rules)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_state = {
@@ -144,31 +137,23 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Shardings. One device (or pure data parallelism) for now: the state is replicated and batches
-# are split over ('data', 'fsdp'); the sharding module widens this to FSDP/tensor parallelism.
+# Shardings: gemma_jax.sharding's rules table decides them; the step states them explicitly.
 
 
-def state_shardings(mesh: Mesh, abstract_state: State) -> State:
-  """Sharding of every leaf of the train state (replicated)."""
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_state)
+def state_shardings(mesh: Mesh, abstract_state: State,
+                    rules: sharding.ShardingRules | None = None) -> State:
+  """NamedSharding of every leaf of the train state: params and their optimiser moments by their
+  logical axes (FSDP / tensor parallel per the rules), step, rng and counters replicated."""
+  return sharding.param_shardings(abstract_state, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches [B, T] are split along B over the data-parallel axes."""
-  return NamedSharding(mesh, P(('data', 'fsdp')))
-
-
-def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Host batch (this process's rows) -> global device arrays."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in BATCH_KEYS}
-
-
-def jit_train_step(train_step, mesh: Mesh, abstract_state: State):
-  """jax.jit with explicit in/out shardings and the state donated."""
-  s_shard = state_shardings(mesh, abstract_state)
+def jit_train_step(train_step, mesh: Mesh, abstract_state: State,
+                   rules: sharding.ShardingRules | None = None):
+  """jax.jit with explicit in/out shardings and the state donated (call it under
+  `sharding.use_mesh(mesh, rules)` so the model's activation constraints apply)."""
+  s_shard = state_shardings(mesh, abstract_state, rules)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(train_step, in_shardings=(s_shard, batch_sharding(mesh)),
+  return jax.jit(train_step, in_shardings=(s_shard, sharding.batch_sharding(mesh, rules)),
                  out_shardings=(s_shard, replicated), donate_argnums=0)
 
 
@@ -187,12 +172,12 @@ def _check_finite(step: int, metrics: Mapping[str, float], manager) -> None:
       f'learning_rate, optimizer.clip_norm, a longer optimizer.warmup_steps, or float32 compute.')
 
 
-def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]],
-             sharding: NamedSharding) -> dict[str, float]:
+def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh,
+             rules: sharding.ShardingRules) -> dict[str, float]:
   """Mean held-out loss and token accuracy over the target tokens of `batches`."""
   totals = None
   for batch in batches:
-    out = eval_step(params, put_batch(batch, sharding))
+    out = eval_step(params, sharding.put_batch(batch, mesh, rules))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
     return {}
@@ -201,11 +186,22 @@ def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]],
   return {'loss': float(totals['loss_sum']) / count, 'accuracy': float(totals['correct_sum']) / count}
 
 
+def _say(text: str) -> None:
+  """Progress output, from the main process only."""
+  if sharding.is_main_process():
+    print(text, flush=True)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the SFT job described by `config` in `workdir`; returns final metrics."""
+  """Runs (or resumes) the SFT job described by `config` in `workdir`; returns final metrics.
+
+  Returns {'train': last step's metrics, 'eval': last held-out metrics (and exact match before
+  and after when configured), 'export_dir': the params-only checkpoint for sample.py}.
+  """
   train_setup.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  mesh = train_setup.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.ShardingRules.from_config(config.sharding_rules)
   manager = train_setup.checkpoint_manager(workdir, config)
   resume_step = manager.latest_step()
 
@@ -214,96 +210,93 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   graphdef, abs_params, rest = nnx.split(train_setup.abstract_model(mc, config), nnx.Param, ...)
   tx, schedule = optim.make_optimizer(config)
   abstract_state = jax.eval_shape(lambda p: init_state(p, tx, config.seed), abs_params)
-  s_shard = state_shardings(mesh, abstract_state)
-  b_shard = batch_sharding(mesh)
-
-  train_ds = train_setup.make_dataset(config, tokenizer, split='train')
-  train_iter = iter(train_ds)
-  if resume_step is None:
-    if initial_params is None:
-      params = train_setup.random_params(mc, config, s_shard['params'])
-    else:
-      params = jax.device_put(initial_params, s_shard['params'])
-    del initial_params
-    state = jax.jit(lambda p: init_state(p, tx, config.seed), out_shardings=s_shard)(params)
-    print(f'Starting at step 0 of {config.steps} in {workdir}.', flush=True)
-  else:
-    state, data_state = train_setup.restore(manager, resume_step, abstract_state, s_shard)
-    train_iter.set_state(data_state)
-    print(f'Resuming from the checkpoint at step {resume_step} in {workdir}.', flush=True)
-
-  step_fn = jit_train_step(
-      make_train_step(graphdef, rest, tx, schedule,
-                      grad_accum_steps=config.optimizer.grad_accum_steps), mesh, abstract_state)
-  eval_fn = jax.jit(make_eval_step(graphdef, rest))
-  start = int(jax.device_get(state['step']))
-  writer = metrics_lib.MetricsWriter(workdir, config.steps, start,
-                                     tokens_per_step=config.batch_size * config.seq_len)
-
-  def run_eval(step: int) -> dict[str, float]:
-    eval_ds = train_setup.make_dataset(config, tokenizer, split='eval')
-    result = evaluate(eval_fn, state['params'],
-                      itertools.islice(iter(eval_ds), config.eval_batches), b_shard)
-    if result:
-      print(writer.log_eval(step, result), flush=True)
-    return result
-
+  s_shard = state_shardings(mesh, abstract_state, rules)
+  train_iter = iter(train_setup.make_dataset(config, tokenizer, split='train'))
   held_out = train_setup.exact_match_examples(config)
 
-  def run_exact_match(step: int, label: str) -> float:
-    result = metrics_lib.exact_match_eval(graphdef, state['params'], rest, tokenizer, held_out,
-                                          config.exact_match.max_new_tokens)
-    writer.log_eval(step, {'exact_match': result['exact_match']})
-    print(f'Exact match on {len(held_out)} held-out examples {label}: '
-          f'{100 * result["exact_match"]:.1f}%', flush=True)
-    for prompt, prediction, reference in result['samples'][:3]:
-      print(f'  {prompt!r} -> {prediction!r} (reference {reference!r})', flush=True)
-    return result['exact_match']
+  with sharding.use_mesh(mesh, rules):
+    if resume_step is None:
+      if initial_params is None:
+        params = train_setup.random_params(mc, config, s_shard['params'])
+      else:
+        params = jax.device_put(initial_params, s_shard['params'])
+      del initial_params
+      state = jax.jit(lambda p: init_state(p, tx, config.seed), out_shardings=s_shard)(params)
+      _say(f'Starting at step 0 of {config.steps} in {workdir}.')
+    else:
+      state, data_state = train_setup.restore(manager, resume_step, abstract_state, s_shard)
+      train_iter.set_state(data_state)
+      _say(f'Resuming from the checkpoint at step {resume_step} in {workdir}.')
 
-  if held_out and start == 0:
-    run_exact_match(0, 'before training')
+    step_fn = jit_train_step(
+        make_train_step(graphdef, rest, tx, schedule, mesh=mesh, rules=rules,
+                        grad_accum_steps=config.optimizer.grad_accum_steps),
+        mesh, abstract_state, rules)
+    eval_fn = jax.jit(make_eval_step(graphdef, rest))
+    start = int(jax.device_get(state['step']))
+    writer = metrics_lib.MetricsWriter(workdir, config.steps, start,
+                                       tokens_per_step=config.batch_size * config.seq_len,
+                                       enabled=sharding.is_main_process())
 
-  def save(step: int) -> None:
-    train_setup.save(manager, step, state, train_iter.get_state(), config)
+    def run_eval(step: int) -> dict[str, float]:
+      batches = iter(train_setup.make_dataset(config, tokenizer, split='eval'))
+      result = evaluate(eval_fn, state['params'], itertools.islice(batches, config.eval_batches),
+                        mesh, rules)
+      if result:
+        _say(writer.log_eval(step, result))
+      return result
 
-  pending = None  # (step, device metrics) of the previous step, read after the next dispatch
-  last, last_eval = {}, {}
-  t0 = time.time()
-  try:
-    for step in range(start + 1, config.steps + 1):
-      batch = put_batch(next(train_iter), b_shard)
-      state, step_metrics = step_fn(state, batch)
-      if step == start + 1:
-        jax.block_until_ready(step_metrics)
-        print(f'First step compiled and ran in {time.time() - t0:.1f}s.', flush=True)
-        writer.mark_start(step)
+    def run_exact_match(step: int, label: str) -> float:
+      result = metrics_lib.exact_match_eval(graphdef, state['params'], rest, tokenizer,
+                                            held_out, config.exact_match.max_new_tokens)
+      writer.log_eval(step, {'exact_match': result['exact_match']})
+      _say(f'Exact match on {len(held_out)} held-out examples {label}: '
+           f'{100 * result["exact_match"]:.1f}%')
+      for prompt, prediction, reference in result['samples'][:3]:
+        _say(f'  {prompt!r} -> {prediction!r} (reference {reference!r})')
+      return result['exact_match']
+
+    if held_out and start == 0:
+      run_exact_match(0, 'before training')
+
+    pending = None  # (step, device metrics) of the previous step, read after the next dispatch
+    last, last_eval = {}, {}
+    t0 = time.time()
+    try:
+      for step in range(start + 1, config.steps + 1):
+        state, step_metrics = step_fn(state, sharding.put_batch(next(train_iter), mesh, rules))
+        if step == start + 1:
+          jax.block_until_ready(step_metrics)
+          _say(f'First step compiled and ran in {time.time() - t0:.1f}s.')
+          writer.mark_start(step)
+        if pending is not None:
+          last = _read_metrics(writer, manager, config, *pending)
+        pending = (step, step_metrics)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+          # Never checkpoint a state whose step went non-finite: check it before saving.
+          last = _read_metrics(writer, manager, config, *pending)
+          pending = None
+          train_setup.save(manager, step, state, train_iter.get_state(), config)
+          writer.mark_start(step)  # tokens/s and ETA count training steps only
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+          last_eval = run_eval(step)
+          writer.mark_start(step)
       if pending is not None:
         last = _read_metrics(writer, manager, config, *pending)
-      pending = (step, step_metrics)
-      if step % config.checkpoint_every == 0 or step == config.steps:
-        # Never checkpoint a state whose step went non-finite: check it before saving.
-        last = _read_metrics(writer, manager, config, *pending)
-        pending = None
-        save(step)
-        writer.mark_start(step)  # tokens/s and ETA count training steps only
-      if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-        last_eval = run_eval(step)
-        writer.mark_start(step)
-    if pending is not None:
-      last = _read_metrics(writer, manager, config, *pending)
-  finally:
-    manager.wait_until_finished()
-  if held_out:
-    before = metrics_lib.read_metric(workdir, 'eval_exact_match', step=0)
-    after = run_exact_match(config.steps, 'after training')
-    last_eval['exact_match_before'], last_eval['exact_match'] = before, after
-    print(f'Exact match before -> after training: {100 * before:.1f}% -> {100 * after:.1f}%',
-          flush=True)
-  writer.close()
-  metrics_lib.plot_loss_curve(workdir)
-  export_dir = train_setup.export_params(graphdef, state['params'], rest, tokenizer, workdir)
+    finally:
+      manager.wait_until_finished()
+
+    if held_out:
+      before = metrics_lib.read_metric(workdir, 'eval_exact_match', step=0)
+      after = run_exact_match(config.steps, 'after training')
+      last_eval['exact_match_before'], last_eval['exact_match'] = before, after
+      _say(f'Exact match before -> after training: {100 * before:.1f}% -> {100 * after:.1f}%')
+    writer.close()
+    if sharding.is_main_process():
+      metrics_lib.plot_loss_curve(workdir)
+    export_dir = train_setup.export_params(graphdef, state['params'], rest, tokenizer, workdir)
   manager.close()
-  print(f'Done: final params for sample.py in {export_dir}', flush=True)
+  _say(f'Done: final params for sample.py in {export_dir}')
   return {'train': last, 'eval': last_eval, 'export_dir': export_dir}
 
 
@@ -312,5 +305,5 @@ def _read_metrics(writer, manager, config, step, device_metrics) -> dict[str, fl
   host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
   _check_finite(step, host, manager)
   if step % config.log_every == 0 or step == 1 or step == config.steps:
-    print(writer.log_train(step, host), flush=True)
+    _say(writer.log_train(step, host))
   return host

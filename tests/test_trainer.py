@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gemma_jax import checkpoint, data, optim, train_setup, trainer
+from gemma_jax import checkpoint, data, optim, sharding, train_setup, trainer
 from gemma_jax.config import get_preset
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.transformer import Transformer
@@ -132,7 +132,7 @@ def test_packed_batch_equals_unpacked(tok):
   enc = [data.encode_example(m, tok, 64) for m in records]
   T = sum(len(e['tokens']) for e in enc) + 3
   packed = {k: np.zeros((1, T), np.float32 if k == 'loss_mask' else np.int32)
-            for k in trainer.BATCH_KEYS}
+            for k in ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')}
   unpacked = {k: np.zeros((3, T), v.dtype) for k, v in packed.items()}
   start = 0
   for i, e in enumerate(enc):
@@ -257,7 +257,7 @@ def _abstract_state(c, workdir):
   _, abs_params, _ = nnx.split(train_setup.abstract_model(mc, c), nnx.Param, ...)
   tx, _ = optim.make_optimizer(c)
   abstract = jax.eval_shape(lambda p: trainer.init_state(p, tx, c.seed), abs_params)
-  mesh = train_setup.make_mesh(c.mesh)
+  mesh = sharding.make_mesh(c.mesh)
   return abstract, trainer.state_shardings(mesh, abstract)
 
 
