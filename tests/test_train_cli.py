@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from gemma_jax import checkpoint, trainer
@@ -63,13 +64,25 @@ def test_unknown_override_fails_before_any_work(tmp_path):
     assert not workdir.exists()
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """(overrides, workdir) of 8 uninterrupted steps on one device, in this process."""
+  tmp_path = tmp_path_factory.mktemp('straight')
+  overrides = _overrides(tmp_path)
+  workdir = str(tmp_path / 'run')
+  trainer.train(_load_config(QUICKSTART, overrides), workdir)
+  return overrides, workdir
+
+
+def _final_params(workdir):
+  return jax.tree.leaves(nnx.state(checkpoint.load_params(os.path.join(workdir, 'final')),
+                                   nnx.Param))
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, straight):
   """8 steps in one go vs. killed (SIGKILL) while saving step 6, then the same command again:
   the same losses at every step (so the same batches) and bit-identical final params."""
-  overrides = _overrides(tmp_path)
-  straight = str(tmp_path / 'straight')
-  trainer.train(_load_config(QUICKSTART, overrides), straight)
-
+  overrides, straight = straight
   workdir = str(tmp_path / 'killed')
   args = _flags(QUICKSTART, workdir, overrides)
   killer = (
@@ -100,7 +113,25 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
   assert [r['step'] for r in _train_records(workdir)] == list(range(1, 9))
   assert _train_records(workdir) == _train_records(straight)
-  a = nnx.state(checkpoint.load_params(os.path.join(straight, 'final')), nnx.Param)
-  b = nnx.state(checkpoint.load_params(os.path.join(workdir, 'final')), nnx.Param)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+  for x, y in zip(_final_params(straight), _final_params(workdir), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sharded_training_equals_one_device(tmp_path, straight):
+  """The same job on 4 simulated CPU devices (data 2 x fsdp 2), with 2 micro-batches per step:
+  the same losses and final params as one device, up to float summation order."""
+  overrides, straight = straight
+  workdir = str(tmp_path / 'sharded')
+  overrides = dict(overrides, **{'mesh.data': 2, 'mesh.fsdp': 2,
+                                 'optimizer.grad_accum_steps': 2})
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  result = _run(['train.py'] + _flags(QUICKSTART, workdir, overrides), env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got, want = _train_records(workdir), _train_records(straight)
+  assert [r['step'] for r in got] == [r['step'] for r in want]
+  for g, w in zip(got, want):
+    for key in ('loss', 'grad_norm', 'target_tokens'):
+      np.testing.assert_allclose(g[key], w[key], rtol=1e-5, err_msg=f'step {g["step"]} {key}')
+  for x, y in zip(_final_params(straight), _final_params(workdir), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
