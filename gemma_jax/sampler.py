@@ -142,14 +142,22 @@ class Completion:
 class SampleStream:
   """Iterator returned by `stream=True` calls: yields the new text after each decoded chunk (for
   `Sampler.sample` a list with one piece per prompt, '' where nothing is new; for
-  `ChatSession.send` a str). Once exhausted, `.result` holds what the non-streaming call returns."""
+  `ChatSession.send` a str). `.done[i]` says whether row i has finished so far; once exhausted,
+  `.result` holds what the non-streaming call returns."""
 
-  def __init__(self, gen: Iterator[Any]):
+  def __init__(self, gen: Iterator[tuple[Any, list[bool]]]):
     self._gen = gen
+    self.done: list[bool] = []
     self.result: Any = None
 
   def __iter__(self) -> Iterator[Any]:
-    self.result = yield from self._gen
+    while True:
+      try:
+        value, self.done = next(self._gen)
+      except StopIteration as stop:
+        self.result = stop.value
+        return
+      yield value
 
 
 class Sampler:
@@ -341,7 +349,8 @@ class Sampler:
     def pieces():
       emitted = [''] * len(ids)
       for state in steps:
-        yield [_delta(emitted, i, c.text) for i, c in enumerate(results(*state[:3], False))]
+        yield ([_delta(emitted, i, c.text) for i, c in enumerate(results(*state[:3], False))],
+               [bool(d) for d in state[3]])
       return results(*state[:3], return_logits)
 
     return SampleStream(pieces())
@@ -422,7 +431,7 @@ class ChatSession:
       emitted = ['']
       for state in steps:
         text = s._completion(message, state[1][0, :state[2]], None, stop_ids, []).text
-        yield _delta(emitted, 0, text)
+        yield _delta(emitted, 0, text), [bool(state[3][0])]
       return finish(*state[:3])
 
     return SampleStream(pieces())

@@ -1,0 +1,179 @@
+r"""Samples from, or chats with, a gemma_jax checkpoint.
+
+  python sample.py --ckpt DIR --prompt "The capital of France is" [--prompt TEXT ...]
+      [--max_new_tokens 64] [--greedy | --temperature 1.0 --top_k 64 --top_p 0.95] [--seed 0]
+      [--chat] [--output_json out.json] [--tokenizer PATH]
+
+Text streams to stdout as it is generated (several prompts run as one batch and are printed one
+after another, each streaming once the ones before it are complete). --chat runs a multi-turn
+session in Gemma's chat format: each --prompt, then each line of stdin (a terminal or a pipe), is a
+user turn. Without --greedy or sampling flags, Gemma's recommended sampling is used
+(temperature 1.0, top_k 64, top_p 0.95). The tokenizer defaults to DIR/tokenizer.model.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+_CKPT = flags.DEFINE_string('ckpt', None, 'Checkpoint directory (save_params / gemma_jax.convert).')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'SentencePiece model; default DIR/tokenizer.model.')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt (repeatable); in --chat, a user turn.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per prompt or turn.')
+_GREEDY = flags.DEFINE_bool('greedy', False, 'Greedy decoding (argmax).')
+_TEMPERATURE = flags.DEFINE_float('temperature', None, 'Sampling temperature (default 1.0).')
+_TOP_K = flags.DEFINE_integer('top_k', None, 'Keep the k most likely tokens (default 64; 0: all).')
+_TOP_P = flags.DEFINE_float('top_p', None, 'Nucleus probability in (0, 1] (default 0.95).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
+_CHAT = flags.DEFINE_bool('chat', False, 'Interactive multi-turn chat (stdin may be a pipe).')
+_OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'Write {"completions": [...]} here.')
+flags.mark_flag_as_required('ckpt')
+
+CHAT_CACHE_LENGTH = 8192  # tokens a chat session may hold (capped by the model's max_seq_len)
+
+
+class UsageError(ValueError):
+  pass
+
+
+def _fail(message: str, code: int = 1):
+  print(f'sample.py: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(e, code=2)
+
+
+def sampling_params():
+  """SamplingParams from the flags; --greedy excludes the sampling flags."""
+  from gemma_jax.sampler import GREEDY, SamplingParams
+  given = [f'--{n}' for n, v in [('temperature', _TEMPERATURE.value), ('top_k', _TOP_K.value),
+                                  ('top_p', _TOP_P.value)] if v is not None]
+  if _GREEDY.value:
+    if given:
+      raise UsageError(f'--greedy cannot be combined with {", ".join(given)}.')
+    return GREEDY
+  return SamplingParams(temperature=1.0 if _TEMPERATURE.value is None else _TEMPERATURE.value,
+                        top_k=64 if _TOP_K.value is None else _TOP_K.value,
+                        top_p=0.95 if _TOP_P.value is None else _TOP_P.value)
+
+
+def cache_length_for(prompt_lengths, max_new_tokens: int) -> int:
+  """Cache slots for a batch: the longest prompt plus the budget, rounded up to 128."""
+  return -(-(max(prompt_lengths) + max_new_tokens) // 128) * 128
+
+
+def _load(ckpt: str, tokenizer_path: str | None):
+  from gemma_jax import checkpoint
+  from gemma_jax.tokenizer import Tokenizer
+  if not os.path.isdir(ckpt):
+    raise UsageError(f'--ckpt {ckpt}: no such directory.')
+  tokenizer_path = tokenizer_path or checkpoint.tokenizer_path(ckpt)
+  if tokenizer_path is None:
+    raise UsageError(f'--ckpt {ckpt} has no tokenizer.model; pass --tokenizer PATH.')
+  tokenizer = Tokenizer(tokenizer_path)
+  return checkpoint.load_params(ckpt), tokenizer
+
+
+def _print(text: str):
+  sys.stdout.write(text)
+  sys.stdout.flush()
+
+
+def run_batch(model, tokenizer, prompts, sampling):
+  """Samples every prompt in one batch, streaming them in order; returns the Completions."""
+  from gemma_jax.sampler import Sampler
+  max_new = _MAX_NEW.value
+  lengths = [len(tokenizer.encode(p)) for p in prompts]
+  if max(lengths) + max_new > model.config.max_seq_len:
+    raise UsageError(f'the longest prompt ({max(lengths)} tokens) + --max_new_tokens ({max_new}) '
+                     f'exceeds the model\'s max_seq_len ({model.config.max_seq_len}).')
+  sampler = Sampler(model, tokenizer, cache_length=cache_length_for(lengths, max_new))
+  stream = sampler.sample(prompts, max_new, sampling=sampling, seed=_SEED.value, stream=True)
+  shown, pending = 0, [''] * len(prompts)  # rows after `shown` wait in `pending`
+
+  def header(i):
+    if len(prompts) > 1:
+      _print(f'{"" if i == 0 else chr(10)}[{i + 1}/{len(prompts)}] {prompts[i]}')
+
+  def flush(final):
+    nonlocal shown
+    while shown < len(prompts):
+      _print(pending[shown])
+      pending[shown] = ''
+      if not (final or stream.done[shown]):
+        return
+      shown += 1
+      if shown < len(prompts):
+        header(shown)
+
+  header(0)
+  for pieces in stream:
+    for i, piece in enumerate(pieces):
+      pending[i] += piece
+    flush(final=False)
+  flush(final=True)
+  _print('\n')
+  return stream.result
+
+
+def run_chat(model, tokenizer, first_turns, sampling):
+  """Chat turns from --prompt, then stdin lines until EOF; returns one Completion per turn."""
+  from gemma_jax.sampler import Sampler
+  cache_length = min(model.config.max_seq_len, CHAT_CACHE_LENGTH)
+  session = Sampler(model, tokenizer, cache_length=cache_length).chat(sampling=sampling,
+                                                                       seed=_SEED.value)
+  interactive = sys.stdin.isatty()
+
+  def turns():
+    yield from first_turns
+    while True:
+      try:
+        line = input('> ' if interactive else '')
+      except EOFError:
+        return
+      if line.strip():
+        yield line
+
+  replies = []
+  for message in turns():
+    if not interactive or message in first_turns:
+      _print(f'> {message}\n')
+    stream = session.send(message, _MAX_NEW.value, stream=True)
+    for piece in stream:
+      _print(piece)
+    _print('\n')
+    replies.append(stream.result)
+  return replies
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments {argv[1:]}; pass prompts with --prompt TEXT.', code=2)
+  try:
+    sampling = sampling_params()
+    if _MAX_NEW.value < 1:
+      raise UsageError(f'--max_new_tokens must be >= 1, got {_MAX_NEW.value}.')
+    if not _PROMPT.value and not _CHAT.value:
+      raise UsageError('give at least one --prompt TEXT (or --chat).')
+    model, tokenizer = _load(_CKPT.value, _TOKENIZER.value)
+    if _CHAT.value:
+      completions = run_chat(model, tokenizer, list(_PROMPT.value), sampling)
+    else:
+      completions = run_batch(model, tokenizer, list(_PROMPT.value), sampling)
+  except (ValueError, OSError) as e:
+    _fail(e)
+  if _OUTPUT_JSON.value:
+    with open(_OUTPUT_JSON.value, 'w') as f:
+      json.dump({'completions': [{'prompt': c.prompt, 'text': c.text, 'tokens': c.tokens}
+                                 for c in completions]}, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

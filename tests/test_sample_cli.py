@@ -1,0 +1,93 @@
+"""sample.py end to end on a checkpoint converted from the real Gemma 3 270M GGUF."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from gemma_jax import checkpoint
+from gemma_jax.sampler import Sampler
+from gemma_jax.tokenizer import Tokenizer
+
+_REPO = pathlib.Path(__file__).resolve().parent.parent
+PROMPTS = ['The capital of France is', 'def add(a, b):']
+
+
+def _run(*args, stdin=None, timeout=600):
+  env = dict(os.environ, PYTHONPATH=str(_REPO))
+  return subprocess.run([sys.executable, str(_REPO / 'sample.py'), *args], input=stdin,
+                        capture_output=True, text=True, timeout=timeout, env=env, cwd=_REPO)
+
+
+@pytest.fixture(scope='module')
+def ckpt(gguf_path, tmp_path_factory):
+  """A native float32 checkpoint written by the convert CLI (in-process)."""
+  from gemma_jax.convert.__main__ import main as convert
+  dst = tmp_path_factory.mktemp('cli') / 'ckpt'
+  assert convert(['--from', 'gguf', '--src', str(gguf_path), '--dst', str(dst)]) == 0
+  return dst
+
+
+def test_greedy_output_json_equals_library_call(ckpt, tmp_path):
+  out = tmp_path / 'out.json'
+  args = ['--ckpt', str(ckpt), '--greedy', '--max_new_tokens', '24', '--output_json', str(out)]
+  proc = _run(*args, *[a for p in PROMPTS for a in ('--prompt', p)])
+  assert proc.returncode == 0, proc.stderr
+  got = json.loads(out.read_text())['completions']
+
+  tokenizer = Tokenizer(ckpt / 'tokenizer.model')
+  longest = max(len(tokenizer.encode(p)) for p in PROMPTS)
+  cache_length = -(-(longest + 24) // 128) * 128  # sample.py's rule
+  sampler = Sampler(checkpoint.load_params(ckpt), tokenizer, cache_length=cache_length)
+  ref = sampler.sample(PROMPTS, 24)
+  assert [c['prompt'] for c in got] == PROMPTS
+  assert [c['tokens'] for c in got] == [c.tokens for c in ref]
+  assert [c['text'] for c in got] == [c.text for c in ref]
+  for i, (prompt, c) in enumerate(zip(PROMPTS, ref)):  # streamed to stdout, in order
+    assert f'[{i + 1}/2] {prompt}{c.text}' in proc.stdout
+
+
+def test_chat_answers_two_piped_turns(ckpt, tmp_path):
+  out = tmp_path / 'chat.json'
+  turns = ['What is the capital of France?', 'Say hello in Spanish.']
+  proc = _run('--ckpt', str(ckpt), '--chat', '--greedy', '--max_new_tokens', '16',
+              '--output_json', str(out), stdin='\n'.join(turns) + '\n')
+  assert proc.returncode == 0, proc.stderr
+  replies = json.loads(out.read_text())['completions']
+  assert [r['prompt'] for r in replies] == turns
+  for turn, reply in zip(turns, replies):
+    assert reply['tokens'] and reply['text'].strip()
+    assert f'> {turn}\n{reply["text"]}\n' in proc.stdout
+
+
+def _assert_one_line_error(proc, pattern):
+  assert proc.returncode != 0
+  lines = [l for l in proc.stderr.strip().splitlines() if 'error' in l.lower()]
+  assert len(lines) == 1 and lines[0].startswith('sample.py: error:'), proc.stderr
+  assert pattern in lines[0], proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_bad_input_fails_with_one_line(ckpt, tmp_path):
+  ck = ['--ckpt', str(ckpt)]
+  cases = [
+      (['--prompt', 'x', '--bogus'], 'bogus'),
+      (['--prompt', 'x'], '--ckpt'),  # no --ckpt at all
+      (['--ckpt', str(tmp_path / 'missing'), '--prompt', 'x'], 'no such directory'),
+      ([*ck, '--tokenizer', str(tmp_path / 'no.model'), '--prompt', 'x'], 'not found'),
+      ([*ck], 'at least one --prompt'),
+      ([*ck, '--prompt', 'x', '--top_p', '1.5'], 'top_p must be in (0, 1]'),
+      ([*ck, '--prompt', 'x', '--top_p', '0'], 'top_p must be in (0, 1]'),
+      ([*ck, '--prompt', 'x', '--temperature', '-1'], 'temperature must be >= 0'),
+      ([*ck, '--prompt', 'x', '--greedy', '--top_k', '5'], '--greedy cannot be combined'),
+      ([*ck, '--prompt', 'x', '--max_new_tokens', '0'], 'max_new_tokens must be >= 1'),
+      ([*ck, '--prompt', 'x', '--max_new_tokens', '40000'], 'max_seq_len'),
+  ]
+  for args, pattern in cases:
+    _assert_one_line_error(_run(*args), pattern)
+  # A prompt longer than the chat session's cache.
+  _assert_one_line_error(_run(*ck, '--chat', '--greedy', '--prompt', 'word ' * 9000, stdin=''),
+                         'exceeds cache_length')
