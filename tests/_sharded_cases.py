@@ -96,9 +96,14 @@ def run_training(mesh=None, steps: int = 2, batches=None):
 
 
 def greedy_decode(model, prompt_BT, mesh=None, steps: int = 6, cache_length: int = 24):
-  """Cached greedy decoding in one jitted function: prefill, then a fori_loop of 1-token steps."""
+  """Cached greedy decoding in one jitted function: prefill, then a fori_loop of 1-token steps.
+
+  Returns (tokens [B, steps], logits [B, steps, V]). On `mesh` the params and the cache are
+  placed by the rules (cache_shardings) and stay so.
+  """
   graphdef, params = nnx.split(model)
   B, T = prompt_BT.shape
+  V = model.config.vocab_size
   cache = model.init_cache(B, cache_length)
 
   def decode(params, prompt_BT, cache):
@@ -106,27 +111,31 @@ def greedy_decode(model, prompt_BT, mesh=None, steps: int = 6, cache_length: int
     pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     logits, cache = m(prompt_BT, pos_BT, jnp.ones_like(prompt_BT), cache)
     out_BS = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(jnp.argmax(logits[:, -1], -1))
+    logits_BSV = jnp.zeros((B, steps, V), jnp.float32).at[:, 0].set(logits[:, -1])
 
     def body(i, carry):
-      out_BS, cache = carry
+      out_BS, logits_BSV, cache = carry
       tok_B1 = jax.lax.dynamic_slice_in_dim(out_BS, i - 1, 1, axis=1)
       pos_B1 = jnp.full((B, 1), T - 1 + i, jnp.int32)
       logits, cache = m(tok_B1, pos_B1, jnp.ones_like(tok_B1), cache)
-      return out_BS.at[:, i].set(jnp.argmax(logits[:, -1], -1)), cache
+      return (out_BS.at[:, i].set(jnp.argmax(logits[:, -1], -1)),
+              logits_BSV.at[:, i].set(logits[:, -1]), cache)
 
-    return jax.lax.fori_loop(1, steps, body, (out_BS, cache))
+    return jax.lax.fori_loop(1, steps, body, (out_BS, logits_BSV, cache))
 
   if mesh is None:
-    out, _ = jax.jit(decode)(params, prompt_BT, cache)
-    return np.asarray(out)
+    out, logits, _ = jax.jit(decode)(params, prompt_BT, cache)
+    return np.asarray(out), np.asarray(logits)
   p_sh, c_sh = sh.param_shardings(params, mesh), sh.cache_shardings(cache, mesh)
   b_sh = sh.batch_sharding(mesh)
+  l_sh = sh.batch_sharding(mesh, ndim=3)
   params, cache = jax.device_put(params, p_sh), jax.device_put(cache, c_sh)
   with sh.use_mesh(mesh):
-    out, cache = jax.jit(decode, in_shardings=(p_sh, b_sh, c_sh), out_shardings=(b_sh, c_sh))(
+    out, logits, cache = jax.jit(decode, in_shardings=(p_sh, b_sh, c_sh),
+                                 out_shardings=(b_sh, l_sh, c_sh))(
         params, jax.device_put(prompt_BT, b_sh), cache)
   assert cache['layers'][0]['k'].sharding.is_equivalent_to(c_sh['layers'][0]['k'], 4)
-  return np.asarray(out)
+  return np.asarray(out), np.asarray(logits)
 
 
 def assert_trees_close(got, want, rtol=1e-5):
@@ -173,12 +182,31 @@ def test_train_steps_equal_single_device(shape, reference_training):
 
 
 def test_sharded_greedy_decoding_equals_single_device():
+  """A cached greedy loop with params and KV cache placed by the rules: same tokens and logits."""
   model = make_model()
   prompt = jnp.asarray(np.random.default_rng(3).integers(4, 512, (4, 7)), jnp.int32)
-  want = greedy_decode(model, prompt)
+  want_tokens, want_logits = greedy_decode(model, prompt)
   for shape in [(1, 1, 8), (2, 1, 4)]:
     mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
-    np.testing.assert_array_equal(greedy_decode(model, prompt, mesh), want, err_msg=str(shape))
+    tokens, logits = greedy_decode(model, prompt, mesh)
+    np.testing.assert_array_equal(tokens, want_tokens, err_msg=str(shape))
+    # Random weights repeat tokens a lot; the logits of every step check the cache as well.
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5, err_msg=str(shape))
+
+
+def test_sampler_on_a_mesh_equals_single_device():
+  """gemma_jax.sampler.Sampler over a sharded model (under use_mesh): same tokens and logits."""
+  from gemma_jax.sampler import Sampler
+  prompts = [np.random.default_rng(i).integers(4, 512, n).tolist() for i, n in enumerate([5, 9, 3, 7])]
+  want = Sampler(make_model(), cache_length=32).sample(prompts, max_new_tokens=6, return_logits=True)
+  for shape in [(1, 1, 8), (2, 1, 4)]:
+    mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
+    model = sh.create_sharded_model(make_model, mesh)
+    with sh.use_mesh(mesh):
+      got = Sampler(model, cache_length=32).sample(prompts, max_new_tokens=6, return_logits=True)
+    for g, w in zip(got, want):
+      assert g.tokens == w.tokens, shape
+      np.testing.assert_allclose(g.logits, w.logits, rtol=1e-5, atol=1e-5, err_msg=str(shape))
 
 
 def test_create_sharded_model_is_sharded_and_equals_plain_init():
