@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -159,75 +158,26 @@ def plot_loss_curve(workdir: str) -> str | None:
 # Exact match on held-out prompts (the quickstart's before/after figure).
 
 
-@functools.lru_cache(maxsize=8)
-def _generate_fn(graphdef, max_new_tokens: int):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  @jax.jit
-  def run(params, rest, buf_BL, lengths_B):
-    model = nnx.merge(graphdef, params, rest)
-    rows = jnp.arange(buf_BL.shape[0])
-
-    def body(_, carry):
-      buf_BL, lengths_B = carry
-      logits_BLV, _ = model(buf_BL)
-      next_B = jnp.argmax(logits_BLV[rows, lengths_B - 1], axis=-1).astype(jnp.int32)
-      return buf_BL.at[rows, lengths_B].set(next_B), lengths_B + 1
-
-    return jax.lax.fori_loop(0, max_new_tokens, body, (buf_BL, lengths_B))[0]
-
-  return run
-
-
-def greedy_generate(graphdef, params, rest, prompts: list[list[int]], max_new_tokens: int,
-                    stop_ids: tuple[int, ...], length: int | None = None) -> list[list[int]]:
-  """Greedy continuation of each prompt (ids incl. BOS), cut at the first of `stop_ids`.
-
-  Runs full forwards over one [B, length] buffer (default: longest prompt + max_new_tokens)
-  inside one jitted loop; causal attention makes the unfilled tail invisible. Compiles once per
-  (model, B, length, max_new_tokens).
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  L = length or max(map(len, prompts)) + max_new_tokens
-  buf = np.zeros((len(prompts), L), np.int32)
-  for i, p in enumerate(prompts):
-    if len(p) + max_new_tokens > L:
-      raise ValueError(f'prompt {i} has {len(p)} tokens; with {max_new_tokens} new ones it '
-                       f'exceeds the buffer of {L}.')
-    buf[i, :len(p)] = p
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  out = np.asarray(_generate_fn(graphdef, max_new_tokens)(params, rest, buf, lengths))
-  results = []
-  for i, p in enumerate(prompts):
-    new = out[i, len(p):len(p) + max_new_tokens].tolist()
-    cut = [j for j, t in enumerate(new) if t in stop_ids]
-    results.append(new[:cut[0]] if cut else new)
-  return results
-
-
-def exact_match_eval(graphdef, params, rest, tokenizer, examples, max_new_tokens: int,
+def exact_match_eval(model, tokenizer, examples, max_new_tokens: int,
                      batch_size: int = 64) -> dict[str, Any]:
-  """Answers held-out conversations greedily and scores them by exact match.
+  """Answers held-out conversations greedily (KV-cached `Sampler`) and scores exact match.
 
-  `examples`: [(prompt messages, reference answer)], e.g. from `data.split_prompt_reference`.
+  `examples`: [(prompt messages, reference answer)], e.g. from `data.split_prompt_reference`;
+  prompts are encoded exactly as training encodes them (`Tokenizer.encode_chat`).
   Returns {'exact_match': fraction, 'samples': [(prompt text, prediction, reference), ...]}.
   """
   from gemma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from gemma_jax.sampler import Sampler  # pylint: disable=g-import-not-at-top
 
-  stop = (tokenizer.end_of_turn_id, tokenizer.eos_id)
-  all_prompts = [tokenizer.encode_chat(m, add_generation_prompt=True)[0] for m, _ in examples]
-  length = max(map(len, all_prompts)) + max_new_tokens
-  batch_size = min(batch_size, len(examples))
+  prompts = [tokenizer.encode_chat(m, add_generation_prompt=True)[0] for m, _ in examples]
+  sampler = Sampler(model, tokenizer, cache_length=max(map(len, prompts)) + max_new_tokens)
+  batch_size = min(batch_size, len(prompts))
   predictions = []
-  for start in range(0, len(examples), batch_size):
-    prompts = all_prompts[start:start + batch_size]
-    n = len(prompts)
-    prompts += [prompts[-1]] * (batch_size - n)  # One shape, one compile.
-    outs = greedy_generate(graphdef, params, rest, prompts, max_new_tokens, stop, length)
-    predictions += [tokenizer.decode(o) for o in outs[:n]]
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    n = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - n)  # One batch shape, one compile.
+    predictions += [c.text for c in sampler.sample(chunk, max_new_tokens)[:n]]
   references = [r for _, r in examples]
   samples = [(m[-1]['content'], p, r) for (m, r), p in zip(examples, predictions)]
   return {'exact_match': data_lib.exact_match(predictions, references), 'samples': samples}

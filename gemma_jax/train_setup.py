@@ -167,27 +167,30 @@ def gguf_package_path() -> str:
   return str(package.assemble(target))
 
 
-def _load_initial(config: ml_collections.ConfigDict):
-  """(model or None, tokenizer source or None) from model.init / model.init_path."""
-  init, path = config.model.init, config.model.init_path
-  dtype = DTYPES[config.model.param_dtype]
+def _init_path(config: ml_collections.ConfigDict) -> str:
+  path = config.model.init_path
+  return gguf_package_path() if config.model.init == 'gguf' and path == 'package' else path
+
+
+def _initial_config_and_tokenizer(config: ml_collections.ConfigDict):
+  """(ModelConfig, tokenizer source or None) of the initial weights, read without the weights."""
+  init, path = config.model.init, _init_path(config)
   if init == 'none':
-    return None, None
+    return model_config(config), None
+  if init == 'official':
+    return config_lib.get_preset(config.model.preset), None
   if init == 'native':
     from gemma_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    return checkpoint.load_params(path, param_dtype=dtype), checkpoint.tokenizer_path(path)
+    return checkpoint.load_config(path), checkpoint.tokenizer_path(path)
   if init == 'hf':
-    from gemma_jax.convert import load_hf  # pylint: disable=g-import-not-at-top
+    from gemma_jax.convert import config_from_hf  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(path, 'config.json')) as f:
+      mc = config_from_hf(json.load(f), os.path.join(path, 'config.json'))
     tok = os.path.join(path, TOKENIZER_FILE)
-    return load_hf(path, dtype=dtype), tok if os.path.isfile(tok) else None
-  if init == 'gguf':
-    from gemma_jax import convert  # pylint: disable=g-import-not-at-top
-    from gemma_jax.convert.gguf_tokenizer import tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
-    if path == 'package':
-      path = gguf_package_path()
-    return convert.load_gguf(path, dtype=dtype), tokenizer_from_gguf(path)
-  from gemma_jax import convert  # pylint: disable=g-import-not-at-top
-  return convert.load_official(path, dtype=dtype), None
+    return mc, tok if os.path.isfile(tok) else None
+  from gemma_jax.convert.gguf import config_from_gguf, open_gguf  # pylint: disable=g-import-not-at-top
+  from gemma_jax.convert.gguf_tokenizer import tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
+  return config_from_gguf(open_gguf(path), path), tokenizer_from_gguf(path)
 
 
 def _open_tokenizer(source):
@@ -206,53 +209,70 @@ def abstract_model(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict
   return nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(config.seed), **_model_kwargs(config)))
 
 
-def random_params(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict, shardings):
-  """Freshly initialised parameters (seed `config.seed`), created directly on `shardings`."""
-  make = lambda: nnx.state(Transformer(mc, rngs=nnx.Rngs(config.seed), **_model_kwargs(config)),
-                           nnx.Param)
-  return jax.jit(make, out_shardings=shardings)()
+def model_and_tokenizer(config: ml_collections.ConfigDict, workdir: str, *, resume: bool):
+  """(ModelConfig, Tokenizer) of the job, checked against each other.
 
-
-def build_model(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False):
-  """(ModelConfig, Tokenizer, initial params as an nnx.State of Params, or None for random init).
-
-  The tokenizer and ModelConfig are written to the workdir when a job starts; a resumed job
-  (`resume`) reads them back there and loads no initial weights.
+  Both are written to the workdir when a job starts; a resumed job (`resume`) reads them back
+  there, so it needs neither the initial weights nor their tokenizer.
   """
   tok_path = os.path.join(workdir, TOKENIZER_FILE)
   mc_path = os.path.join(workdir, MODEL_CONFIG_FILE)
   if resume:
     with open(mc_path) as f:
-      mc = config_lib.ModelConfig.from_dict(json.load(f))
-    return mc, _open_tokenizer(tok_path), None
-  loaded, tok_source = _load_initial(config)
+      return config_lib.ModelConfig.from_dict(json.load(f)), _open_tokenizer(tok_path)
+  mc, tok_source = _initial_config_and_tokenizer(config)
   if config.model.tokenizer:
     tok_source = config.model.tokenizer
   if tok_source is None:
     raise ConfigError(f'config.model.tokenizer is empty and model.init={config.model.init!r} '
-                     'brings no tokenizer; set config.model.tokenizer to a SentencePiece .model.')
-  tokenizer = _open_tokenizer(tok_source)
-  params = None
-  if loaded is None:
-    mc = model_config(config)
-  else:
-    mc = loaded.config
+                      'brings no tokenizer; set config.model.tokenizer to a SentencePiece .model.')
+  if config.model.init != 'none':
     if config.model.vocab_size and config.model.vocab_size != mc.vocab_size:
       raise ConfigError(f'config.model.vocab_size={config.model.vocab_size} differs from the '
-                       f'initial weights ({mc.vocab_size}); set it to 0.')
+                        f'initial weights ({mc.vocab_size}); set it to 0.')
     if mc.name != config.model.preset:
       print(f'Note: the initial weights are a {mc.name!r} model; config.model.preset='
-            f'{config.model.preset!r} is ignored.', flush=True)
-    model = model_from_params(mc, flat_params(loaded), source=config.model.init_path,
-                              **_model_kwargs(config))
-    params = nnx.state(model, nnx.Param)
-    del loaded, model
+            f'{config.model.preset!r} is not used.', flush=True)
+  tokenizer = _open_tokenizer(tok_source)
   check_vocab(tokenizer, mc, config)
   if sharding.is_main_process():
+    os.makedirs(workdir, exist_ok=True)
     tokenizer.save(tok_path)
     with open(mc_path, 'w') as f:
       json.dump(mc.to_dict(), f, indent=2)
-  return mc, tokenizer, params
+  return mc, tokenizer
+
+
+def initial_params(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict, shardings):
+  """The starting parameters (an nnx.State of Params) placed on `shardings`.
+
+  Random init runs inside jit with `out_shardings` (no device ever holds a whole model); a
+  native checkpoint is read straight into the shardings; other formats are converted on the host
+  first, then placed.
+  """
+  kw = _model_kwargs(config)
+  init, path = config.model.init, _init_path(config)
+  if init == 'none':
+    make = lambda: nnx.state(Transformer(mc, rngs=nnx.Rngs(config.seed), **kw), nnx.Param)
+    return jax.jit(make, out_shardings=shardings)()
+  if init == 'native':
+    from gemma_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    loaded = checkpoint.load_params(path, param_dtype=kw['param_dtype'], shardings=shardings)
+    return nnx.state(loaded, nnx.Param)
+  if init == 'hf':
+    from gemma_jax.convert import load_hf  # pylint: disable=g-import-not-at-top
+    loaded = load_hf(path, dtype=kw['param_dtype'])
+  elif init == 'gguf':
+    from gemma_jax.convert import load_gguf  # pylint: disable=g-import-not-at-top
+    loaded, _ = load_gguf(path, dtype=kw['param_dtype'])
+  else:
+    from gemma_jax.convert import load_official  # pylint: disable=g-import-not-at-top
+    loaded = load_official(path, config.model.preset, dtype=kw['param_dtype'])
+  if loaded.config != mc:
+    raise ConfigError(f'{path}: the weights describe {loaded.config.name!r}, not the expected '
+                      f'{mc.name!r}.')
+  model = model_from_params(mc, flat_params(loaded), source=path, **kw)
+  return jax.device_put(nnx.state(model, nnx.Param), shardings)
 
 
 def check_vocab(tokenizer, mc: config_lib.ModelConfig, config: ml_collections.ConfigDict) -> None:

@@ -205,8 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   manager = train_setup.checkpoint_manager(workdir, config)
   resume_step = manager.latest_step()
 
-  mc, tokenizer, initial_params = train_setup.build_model(config, workdir,
-                                                          resume=resume_step is not None)
+  mc, tokenizer = train_setup.model_and_tokenizer(config, workdir, resume=resume_step is not None)
   graphdef, abs_params, rest = nnx.split(train_setup.abstract_model(mc, config), nnx.Param, ...)
   tx, schedule = optim.make_optimizer(config)
   abstract_state = jax.eval_shape(lambda p: init_state(p, tx, config.seed), abs_params)
@@ -216,11 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   with sharding.use_mesh(mesh, rules):
     if resume_step is None:
-      if initial_params is None:
-        params = train_setup.random_params(mc, config, s_shard['params'])
-      else:
-        params = jax.device_put(initial_params, s_shard['params'])
-      del initial_params
+      params = train_setup.initial_params(mc, config, s_shard['params'])
       state = jax.jit(lambda p: init_state(p, tx, config.seed), out_shardings=s_shard)(params)
       _say(f'Starting at step 0 of {config.steps} in {workdir}.')
     else:
@@ -247,8 +242,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       return result
 
     def run_exact_match(step: int, label: str) -> float:
-      result = metrics_lib.exact_match_eval(graphdef, state['params'], rest, tokenizer,
-                                            held_out, config.exact_match.max_new_tokens)
+      model = nnx.merge(graphdef, state['params'], rest)
+      result = metrics_lib.exact_match_eval(model, tokenizer, held_out,
+                                            config.exact_match.max_new_tokens)
       writer.log_eval(step, {'exact_match': result['exact_match']})
       _say(f'Exact match on {len(held_out)} held-out examples {label}: '
            f'{100 * result["exact_match"]:.1f}%')

@@ -253,7 +253,7 @@ def test_overfits_tiny_dataset_and_writes_outputs(tmp_path, monkeypatch):
 
 
 def _abstract_state(c, workdir):
-  mc, _, _ = train_setup.build_model(c, workdir, resume=True)
+  mc, _ = train_setup.model_and_tokenizer(c, workdir, resume=True)
   _, abs_params, _ = nnx.split(train_setup.abstract_model(mc, c), nnx.Param, ...)
   tx, _ = optim.make_optimizer(c)
   abstract = jax.eval_shape(lambda p: trainer.init_state(p, tx, c.seed), abs_params)
@@ -360,3 +360,20 @@ def test_trains_from_tfds_by_name_with_accumulation_and_adafactor(tmp_path):
   evals = [r['eval_loss'] for r in _records(workdir) if 'eval_loss' in r]
   assert len(losses) == 10 and losses[-1] < 0.8 * losses[0]
   assert len(evals) == 2 and evals[1] < evals[0]
+
+
+def test_initial_weights_from_a_native_checkpoint(tmp_path):
+  """model.init='native': the tokenizer and weights come from a save_params directory, placed
+  on the state's shardings with the config's master-weight dtype."""
+  graphdef, params, rest = _split()
+  ckpt = str(tmp_path / 'ckpt')
+  checkpoint.save_params(nnx.merge(graphdef, params, rest), ckpt, TOKENIZER)
+  c = small_config(tmp_path, **{'model.init': 'native', 'model.init_path': ckpt,
+                                'model.tokenizer': '', 'model.vocab_size': 0})
+  train_setup.validate_config(c)
+  mc, tokenizer = train_setup.model_and_tokenizer(c, str(tmp_path / 'run'), resume=False)
+  assert mc.vocab_size == V and tokenizer.vocab_size == V
+  abstract, shardings = _abstract_state(c, str(tmp_path / 'run'))
+  loaded = train_setup.initial_params(mc, c, shardings['params'])
+  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
