@@ -406,6 +406,7 @@ def accumulate_gradients(grad_fn: Callable[[Any, Any], tuple[Any, Any]], params:
   if n > 1:  # inside the vmap, 'data' is taken by the replica axis
     rules = dataclasses.replace(rules, batch=tuple(a for a in rules.batch if a != 'data'))
   per_replica = jax.vmap(grad_fn, in_axes=(None, 0), spmd_axis_name='data' if n > 1 else None)
+
   def sharded(tree, replica_axis):
     if mesh is None:
       return tree
