@@ -9,11 +9,13 @@ jitted step (see trainer.py), so the optimiser always sees the gradient of the w
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
-import ml_collections
 import optax
+
+if TYPE_CHECKING:
+  import ml_collections
 
 OPTIMIZERS = ('adamw', 'adafactor')
 DECAYS = ('cosine', 'linear', 'constant')

@@ -15,11 +15,10 @@ import itertools
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -28,7 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gemma_jax import metrics as metrics_lib
 from gemma_jax import optim
 from gemma_jax import sharding
-from gemma_jax import train_setup
+
+if TYPE_CHECKING:
+  import ml_collections
 
 State = dict[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -198,6 +199,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns {'train': last step's metrics, 'eval': last held-out metrics (and exact match before
   and after when configured), 'export_dir': the params-only checkpoint for sample.py}.
   """
+  # Imported here: the steps above need no input pipeline (grain), e.g. in bench/train_bench.py.
+  from gemma_jax import train_setup  # pylint: disable=g-import-not-at-top
   train_setup.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)

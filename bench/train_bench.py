@@ -1,0 +1,209 @@
+r"""Training-step throughput and MFU: our jitted train step next to transformers + torch.
+
+  python bench/train_bench.py                         # GPU: gemma1-2b, seq 2048, bf16, batch 8
+  python bench/train_bench.py --preset=tiny-gemma1 --seq=64 --batch=2 --steps=3   # CPU smoke test
+
+Both sides train the same architecture from random weights on random tokens (every token a
+target), one AdamW step per iteration (weight decay 0.01, clipping at 1.0), and report the median
+of --steps timed steps after --warmup untimed ones. Each (side, batch size) runs in its own
+subprocess, so an out-of-memory failure of one is reported in the table and the others still run.
+
+FLOPs per token = 6 x (matmul parameters, including the tied output head) + 6 x L x N x H x T
+(causal attention, forward and backward); MFU = tokens/s x FLOPs per token / --peak_tflops
+(989: an H100/H200's dense bf16 peak). Ours: --param_dtype bfloat16 (default, "pure bf16" like
+the transformers side, whose parameters and AdamW moments are bf16) or float32 (master weights
+with bf16 compute, what configs/*_sft.py train with). transformers: eager model with its
+default (SDPA) attention, `torch.optim.AdamW(fused=True)` on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def matmul_params(mc) -> int:
+  """Parameters that enter a matmul: embedding (= tied head), q/k/v/o and the three MLP mats."""
+  D, F, N, K, H, L = (mc.embed_dim, mc.hidden_dim, mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                      mc.num_layers)
+  return mc.vocab_size * D + L * (D * N * H * 2 + 2 * D * K * H + 3 * D * F)
+
+
+def flops_per_token(mc, seq: int) -> float:
+  return 6.0 * matmul_params(mc) + 6.0 * mc.num_layers * mc.num_heads * mc.head_dim * seq
+
+
+def _batch(vocab: int, batch: int, seq: int, seed: int = 0):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, vocab, (batch, seq + 1)).astype(np.int32)
+  return {'tokens': ids[:, :-1], 'targets': ids[:, 1:], 'loss_mask': np.ones((batch, seq),
+                                                                             np.float32),
+          'positions': np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+          'segment_ids': np.ones((batch, seq), np.int32)}
+
+
+def run_ours(args) -> dict:
+  """Times gemma_jax's train step (trainer.make_train_step, jitted with shardings, donated)."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gemma_jax import optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from gemma_jax.config import get_preset  # pylint: disable=g-import-not-at-top
+  from gemma_jax.transformer import Transformer  # pylint: disable=g-import-not-at-top
+
+  mc = get_preset(args.preset)
+  dtypes = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+  kw = dict(dtype=dtypes[args.dtype], param_dtype=dtypes[args.param_dtype], remat=args.remat)
+  make = lambda: Transformer(mc, rngs=nnx.Rngs(0), **kw)
+  graphdef, abs_params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+  opt = types.SimpleNamespace(name='adamw', b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01,
+                              weight_decay_exclude='', warmup_steps=0, decay='constant',
+                              min_lr_ratio=1.0, clip_norm=1.0)
+  tx, schedule = optim.make_optimizer(types.SimpleNamespace(
+      learning_rate=1e-5, steps=1000, optimizer=opt))
+  mesh = sharding.make_mesh({'fsdp': -1})
+  abstract = jax.eval_shape(lambda p: trainer.init_state(p, tx, 0), abs_params)
+  shardings = trainer.state_shardings(mesh, abstract)
+  with sharding.use_mesh(mesh):
+    params = jax.jit(lambda: nnx.state(make(), nnx.Param), out_shardings=shardings['params'])()
+    state = jax.jit(lambda p: trainer.init_state(p, tx, 0), out_shardings=shardings)(params)
+    step = trainer.jit_train_step(trainer.make_train_step(graphdef, rest, tx, schedule),
+                                  mesh, abstract)
+    batch = sharding.put_batch(_batch(mc.vocab_size, args.batch, args.seq), mesh)
+    times = []
+    for i in range(args.warmup + args.steps):
+      t = time.perf_counter()
+      state, metrics = step(state, batch)
+      loss = float(metrics['loss'])  # waits for the step
+      if i >= args.warmup:
+        times.append(time.perf_counter() - t)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {'step_s': statistics.median(times), 'loss': loss,
+          'peak_gb': stats.get('peak_bytes_in_use', 0) / 1e9}
+
+
+def run_transformers(args) -> dict:
+  """Times a transformers model of the same shapes: forward, loss, backward, AdamW step."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from gemma_jax.config import get_preset  # pylint: disable=g-import-not-at-top
+  from gemma_jax.convert.hf import hf_config_from_config  # pylint: disable=g-import-not-at-top
+
+  mc = get_preset(args.preset)
+  cuda = torch.cuda.is_available()
+  device = 'cuda' if cuda else 'cpu'
+  dtype = {'bfloat16': torch.bfloat16, 'float32': torch.float32}[args.param_dtype]
+  hf_config = transformers.AutoConfig.for_model(**hf_config_from_config(mc))
+  torch.manual_seed(0)
+  with torch.device(device):
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
+                          weight_decay=0.01, fused=cuda)
+  b = _batch(mc.vocab_size, args.batch, args.seq)
+  ids = torch.as_tensor(b['tokens'], dtype=torch.long, device=device)
+  targets = torch.as_tensor(b['targets'], dtype=torch.long, device=device)
+  times = []
+  for i in range(args.warmup + args.steps):
+    if cuda:
+      torch.cuda.synchronize()
+    t = time.perf_counter()
+    logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    value = loss.item()  # waits for the step
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t)
+  peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0
+  return {'step_s': statistics.median(times), 'loss': value, 'peak_gb': peak}
+
+
+def _child(args) -> None:
+  try:
+    result = (run_ours if args.side == 'ours' else run_transformers)(args)
+  except Exception as e:  # pylint: disable=broad-except
+    text = f'{type(e).__name__}: {e}'
+    oom = any(s in text for s in ('RESOURCE_EXHAUSTED', 'OutOfMemory', 'out of memory'))
+    result = {'error': 'OOM' if oom else text.splitlines()[0][:200]}
+  print('RESULT ' + json.dumps(result), flush=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--preset', default='gemma1-2b')
+  parser.add_argument('--seq', type=int, default=2048)
+  parser.add_argument('--batch', default='8', help='comma-separated batch sizes, e.g. 4,8')
+  parser.add_argument('--dtype', default='bfloat16', help='our compute dtype')
+  parser.add_argument('--param_dtype', default='bfloat16', help='parameter dtype, both sides')
+  parser.add_argument('--remat', default='none', help="ours: 'none' | 'dots' | 'full'")
+  parser.add_argument('--sides', default='ours,transformers')
+  parser.add_argument('--steps', type=int, default=6)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--peak_tflops', type=float, default=989.0)
+  parser.add_argument('--timeout', type=int, default=900, help='seconds per (side, batch) run')
+  parser.add_argument('--json', default='', help='also write the rows to this file')
+  parser.add_argument('--side', default='', help=argparse.SUPPRESS)  # internal: one child run
+  args = parser.parse_args()
+  if args.side:
+    args.batch = int(args.batch)
+    _child(args)
+    return
+
+  from gemma_jax.config import get_preset  # pylint: disable=g-import-not-at-top
+  mc = get_preset(args.preset)
+  fpt = flops_per_token(mc, args.seq)
+  rows = []
+  for batch in [int(b) for b in args.batch.split(',')]:
+    for side in args.sides.split(','):
+      cmd = [sys.executable, os.path.abspath(__file__), f'--side={side}', f'--batch={batch}'] + [
+          f'--{k}={v}' for k, v in vars(args).items()
+          if k in ('preset', 'seq', 'dtype', 'param_dtype', 'remat', 'steps', 'warmup')]
+      env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
+          'XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95'))
+      try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+        result = (json.loads(lines[-1][7:]) if lines else
+                  {'error': f'exit {out.returncode}: {(out.stderr.strip().splitlines() or [""])[-1][:200]}'})
+      except subprocess.TimeoutExpired:
+        result = {'error': f'timeout after {args.timeout}s'}
+      row = {'side': side, 'batch': batch, **result}
+      if 'step_s' in result:
+        row['tokens_per_s'] = batch * args.seq / result['step_s']
+        row['tflops'] = row['tokens_per_s'] * fpt / 1e12
+        row['mfu'] = row['tflops'] / args.peak_tflops
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+
+  import platform  # pylint: disable=g-import-not-at-top
+  print(f'\n{args.preset}, seq {args.seq}, params {args.param_dtype}, our compute {args.dtype}, '
+        f'our remat {args.remat}; {fpt / 1e9:.3g} GFLOP/token; MFU of {args.peak_tflops:g} '
+        f'TFLOP/s; median of {args.steps} steps after {args.warmup}; host {platform.node()}')
+  print('| side | batch | step (s) | tokens/s | TFLOP/s | MFU | peak mem (GB) | loss |')
+  print('|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    if 'error' in r:
+      print(f'| {r["side"]} | {r["batch"]} | {r["error"]} | | | | | |')
+    else:
+      print(f'| {r["side"]} | {r["batch"]} | {r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | '
+            f'{r["tflops"]:.1f} | {100 * r["mfu"]:.1f}% | {r["peak_gb"]:.1f} | {r["loss"]:.3f} |')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()

