@@ -37,7 +37,10 @@ class Embedder(nnx.Module):
     self.dtype = dtype
 
   def encode(self, tokens_BT: jax.Array) -> jax.Array:
-    x_BTD = self.input_embedding[...][tokens_BT].astype(self.dtype)
+    # Gather the fsdp-sharded D of the table before the lookup: otherwise the partitioner
+    # replicates the looked-up rows and re-splits them (a full rematerialisation on data x fsdp).
+    table_VD = constrain(self.input_embedding[...], ('vocab', None))
+    x_BTD = table_VD[tokens_BT].astype(self.dtype)
     # The scale is cast to the compute dtype first, as the reference implementations do.
     return x_BTD * jnp.sqrt(x_BTD.shape[-1]).astype(self.dtype)
 

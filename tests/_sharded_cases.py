@@ -275,7 +275,8 @@ def test_restore_onto_another_mesh(tmp_path):
 
 
 def test_transformer_constrains_activations_at_block_boundaries():
-  """Under use_mesh the forward pins x_BTD after the embedding and each block, and the logits."""
+  """Under use_mesh the forward pins the embedding table, x_BTD after the embedding and each block,
+  and the logits."""
   graphdef, params = nnx.split(make_model())
   forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])
   tokens = jnp.zeros((8, 4), jnp.int32)
@@ -284,7 +285,10 @@ def test_transformer_constrains_activations_at_block_boundaries():
     lines = [l for l in forward.lower(params, tokens).as_text().splitlines()
              if 'sdy.sharding_constraint' in l]
   num_layers = get_preset(PRESET).num_layers
-  assert len(lines) == num_layers + 2
+  # The embedding table (gathered over fsdp before the lookup), the residual stream after the
+  # embedding and after each block, and the logits.
+  assert len(lines) == num_layers + 3
+  assert sum('[{"tensor"}, {}]' in l for l in lines) == 1
   assert sum('[{"data", "fsdp"}, {}, {}]' in l for l in lines) == num_layers + 1
   assert '[{"data", "fsdp"}, {}, {"tensor"}]' in lines[-1]
 
