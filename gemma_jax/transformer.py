@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gemma_jax.attention import Attention, init_layer_cache
@@ -179,11 +180,14 @@ def flat_params(model: Transformer) -> dict[str, jax.Array]:
 
 
 def model_from_params(config: ModelConfig, params: dict[str, Any], *, dtype=jnp.float32,
-                      param_dtype=None, remat: str = 'none', source: str = 'params') -> Transformer:
+                      param_dtype=None, remat: str = 'none', source: str = 'params',
+                      shardings: dict[str, jax.sharding.Sharding] | None = None) -> Transformer:
   """Builds a Transformer from arrays keyed by dotted name (see `flat_params`), without random init.
 
   Every expected name must be present with exactly the expected shape, and nothing else may be:
-  errors name `source` (a file or directory) and the offending key.
+  errors name `source` (a file or directory) and the offending key. `shardings` (by dotted name,
+  e.g. from `sharding.param_shardings`) places each array straight onto its devices, so a model
+  never materialises whole on one device.
   """
   param_dtype = param_dtype or dtype
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype,
@@ -204,5 +208,8 @@ def model_from_params(config: ModelConfig, params: dict[str, Any], *, dtype=jnp.
     if tuple(value.shape) != tuple(var.shape):
       raise ValueError(f'{source}: parameter {name!r} has shape {tuple(value.shape)}, '
                        f'expected {tuple(var.shape)} for model {config.name!r}.')
-    var.set_value(jnp.asarray(value, param_dtype))
+    if shardings is not None:
+      var.set_value(jax.device_put(np.asarray(value).astype(param_dtype), shardings[name]))
+    else:
+      var.set_value(jnp.asarray(value, param_dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

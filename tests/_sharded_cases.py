@@ -347,3 +347,20 @@ def test_accumulated_gradients_equal_full_batch_and_all_reduce_once():
   hlo = jax.jit(naive, in_shardings=(p_sh, sh.batch_sharding(mesh)), out_shardings=p_sh).lower(
       jax.device_put(params, p_sh), sh.put_batch(batch, mesh)).compile().as_text()
   assert 'all-reduce' in _while_bodies(hlo)[0]
+
+
+def test_import_places_weights_straight_onto_the_mesh(tmp_path):
+  """model_from_params(shardings=...) (behind load_hf) puts every weight in its sharding."""
+  from gemma_jax.transformer import flat_params, model_from_params, param_name
+  model = make_model()
+  mesh = sh.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 4})
+  specs = sh.param_shardings(nnx.eval_shape(make_model), mesh)
+  by_name = {param_name(p): s.get_value() for p, s in nnx.to_flat_state(specs)}
+  placed = model_from_params(model.config, {k: np.asarray(v) for k, v in flat_params(model).items()},
+                             shardings=by_name)
+  for name, value in flat_params(placed).items():
+    assert value.sharding == by_name[name], name
+  w = flat_params(placed)['layers.0.mlp.gating_einsum']
+  assert w.sharding.spec == P(None, 'fsdp', 'tensor')
+  tokens = jnp.asarray(make_batch()['tokens'])
+  np.testing.assert_allclose(placed(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)

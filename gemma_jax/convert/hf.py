@@ -196,7 +196,7 @@ def _heads_to_hf(w: np.ndarray) -> np.ndarray:
 
 def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray], *,
                           dtype=jnp.float32, param_dtype=None, source: str = 'tensors',
-                          remat: str = 'none') -> Transformer:
+                          remat: str = 'none', shardings=None) -> Transformer:
   """A Transformer from HF-named tensors (Linear weights [out, in], zero-centred norm weights).
 
   Raises ValueError naming `source` and the key for a missing, unexpected or mis-shaped tensor.
@@ -242,7 +242,7 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
   if extra:
     raise ValueError(f'{source}: unexpected tensors {extra[:5]} for a {c.family=} model.')
   return model_from_params(config, params, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                           source=source)
+                           source=source, shardings=shardings)
 
 
 def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -283,8 +283,11 @@ def hf_tensors_from_model(model: Transformer) -> dict[str, np.ndarray]:
 
 
 def load_hf(path: str | os.PathLike, dtype=jnp.float32, param_dtype=None,
-            remat: str = 'none') -> Transformer:
-  """Loads a directory written by transformers' `save_pretrained` (config.json + safetensors)."""
+            remat: str = 'none', shardings=None) -> Transformer:
+  """Loads a directory written by transformers' `save_pretrained` (config.json + safetensors).
+
+  `shardings`: optional {dotted parameter name: Sharding} to place each weight on a mesh.
+  """
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
 
   path = os.fspath(path)
@@ -309,4 +312,4 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, param_dtype=None,
     for key, value in load_file(os.path.join(path, name)).items():
       tensors[key] = value
   return model_from_hf_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype,
-                               source=path, remat=remat)
+                               source=path, remat=remat, shardings=shardings)
