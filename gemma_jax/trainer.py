@@ -45,16 +45,19 @@ class NonFiniteLossError(RuntimeError):
 
 def token_loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
                     ) -> tuple[jax.Array, jax.Array]:
-  """Float32 cross-entropy and argmax hits summed over tokens where `mask_BT` is 1.
+  """Float32 cross-entropy and top-1 hits summed over tokens where `mask_BT` is 1.
 
-  Returns `(loss_sum, correct_sum)`; divide by `mask_BT.sum()` for per-token means.
+  Returns `(loss_sum, correct_sum)`; divide by `mask_BT.sum()` for per-token means. A hit is a
+  target whose logit equals the row's maximum, so the maximum that stabilises the logsumexp also
+  scores accuracy: one pass over the [B, T, V] logits fewer than an argmax (ties count as hits).
   """
   logits_BTV = logits_BTV.astype(jnp.float32)
   mask_BT = mask_BT.astype(jnp.float32)
-  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
+  logz_BT = max_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1))
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
   loss_sum = jnp.sum((logz_BT - target_logit_BT) * mask_BT)
-  correct_sum = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * mask_BT)
+  correct_sum = jnp.sum((target_logit_BT >= max_BT) * mask_BT)
   return loss_sum, correct_sum
 
 

@@ -102,7 +102,7 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 def test_loss_is_mean_cross_entropy_over_response_tokens(tok):
   batch = _batches(tok, 1)[0]
   graphdef, params, _ = _split()
-  logits, (loss, _), _ = _jitted(graphdef)(params, batch)
+  logits, (loss, correct), _ = _jitted(graphdef)(params, batch)
   logits = np.asarray(logits, np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
@@ -110,6 +110,8 @@ def test_loss_is_mean_cross_entropy_over_response_tokens(tok):
   mask = batch['loss_mask']
   assert 0 < mask.sum() < (batch['segment_ids'] > 0).sum()  # prompts are masked out
   np.testing.assert_allclose(float(loss), (ce * mask).sum() / mask.sum(), rtol=1e-5)
+  hits = (logits.argmax(-1) == batch['targets']) * mask
+  assert float(correct) == hits.sum()
 
 
 def test_gradients_ignore_prompt_targets(tok):
