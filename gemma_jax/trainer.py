@@ -287,6 +287,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         last = _read_metrics(writer, manager, config, *pending)
     finally:
       manager.wait_until_finished()
+    stats = train_iter.stats
+    _say(f'Data: {stats["examples"]} examples read, {stats["truncated"]} truncated and '
+         f'{stats["dropped"]} dropped for exceeding seq_len={config.seq_len} '
+         f'(data.truncate={config.data.truncate!r}).')
 
     if held_out:
       before = metrics_lib.read_metric(workdir, 'eval_exact_match', step=0)

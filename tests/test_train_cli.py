@@ -62,6 +62,11 @@ def test_unknown_override_fails_before_any_work(tmp_path):
     assert result.returncode != 0
     assert bad.split('=')[0].removeprefix('--config.') in result.stderr, result.stderr[-2000:]
     assert not workdir.exists()
+  # A config the trainer cannot run: a clear message and exit status 1, no traceback.
+  result = _run(['train.py', f'--config={QUICKSTART}', f'--workdir={workdir}',
+                 '--config.model.vocab_size=64'])
+  assert result.returncode == 1
+  assert 'has 128 pieces but model' in result.stderr and 'Traceback' not in result.stderr
 
 
 @pytest.fixture(scope='module')

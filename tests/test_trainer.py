@@ -379,3 +379,21 @@ def test_initial_weights_from_a_native_checkpoint(tmp_path):
   loaded = train_setup.initial_params(mc, c, shardings['params'])
   for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('name', ['quickstart', 'gemma3_270m_sft', 'gemma1_2b_sft',
+                                  'gemma1_7b_sft'])
+def test_shipped_configs_are_valid(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # this machine's devices
+  if c.model.init != 'none' and not c.model.init_path:  # 2B/7B ask for the user's checkpoint
+    with pytest.raises(train_setup.ConfigError, match='init_path'):
+      train_setup.validate_config(c)
+    c.model.init_path = '/path/to/checkpoint'
+  train_setup.validate_config(c)
+  model = train_setup.abstract_model(train_setup.model_config(c), c)
+  assert model.config.name == c.model.preset
