@@ -3,10 +3,11 @@
 The train state is a plain dict pytree, `{'step', 'params', 'opt_state', 'rng'}`: `params` is the
 model's `nnx.State` of `nnx.Param`s (float32 master weights), `opt_state` optax's state over it.
 `train_step(state, batch) -> (state, metrics)` is one pure function, jitted once with explicit
-shardings and the state donated; gradient accumulation happens inside it (a `lax.scan` over
-micro-batches), so k micro-batches are exactly one k-times larger batch.
+shardings (from gemma_jax.sharding's rules table) and the state donated; gradient accumulation
+happens inside it (`sharding.accumulate_gradients`, a `lax.scan` over micro-batches), so k
+micro-batches are one k-times larger batch.
 
-`train(config, workdir)` runs the whole job; see configs/quickstart.py for every config key.
+`train(config, workdir)` runs the whole job; gemma_jax/train_setup.py lists every config key.
 """
 
 from __future__ import annotations
