@@ -9,7 +9,8 @@ Without init_path it starts from random weights only if you set --config.model.i
 --config.model.tokenizer. Data: the shipped letter-reversal set packed into 2048-token rows; point
 data.path/eval_path at your own JSONL, or use data.source=tfds with data.name/data.data_dir.
 Memory: float32 master weights + AdamW = 16 bytes/parameter (2.5B: ~40 GB) sharded over the
-mesh; activations kept per remat='dots'. One H100 (80 GB) holds batch 8 x 2048.
+mesh. Measured on one H200 without remat (bench/train_bench.py): batch 8 x 2048 peaks at 117 GB;
+remat='dots' (here) keeps less; on one 80 GB card lower batch_size or use more devices.
 """
 
 import os
