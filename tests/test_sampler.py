@@ -72,30 +72,26 @@ def test_decode_logits_equal_full_forward(tiny_models, name):
     assert _rel_err(c.logits, full) <= 1e-5, name
 
 
-def test_hf_window8_logits_equal_full_forward(hf_pair):
-  family, _, model = hf_pair
-  out = Sampler(model, cache_length=64).sample(PROMPTS, NEW, return_logits=True)
-  for ids, c in zip(PROMPTS, out):
-    full = _full_logits(model, ids + c.tokens)[len(ids) - 1:-1]
-    assert _rel_err(c.logits, full) <= 1e-5, family
-
-
 def test_sliding_window_greedy_equals_transformers(hf_pair):
-  """A batch of left-padded prompts; each row equals transformers' greedy generate alone."""
+  """Window-8 models, a batch of left-padded prompts, 48 greedy tokens (the rings wrap 6 times):
+  every row equals transformers' greedy generate run alone, and the logits behind each token equal
+  a full forward over the same tokens."""
   family, hf, model = hf_pair
-  out = Sampler(model, cache_length=96).sample(PROMPTS, 48)
+  out = Sampler(model, cache_length=96).sample(PROMPTS, 48, return_logits=True)
   for ids, c in zip(PROMPTS, out):
     with torch.no_grad():
       ref = hf.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):]
     assert c.tokens == ref.tolist(), family
+    full = _full_logits(model, ids + c.tokens)[len(ids) - 1:-1]
+    assert _rel_err(c.logits, full) <= 1e-5, family
   assert len({t for c in out for t in c.tokens}) > 20  # not a degenerate repetition
 
 
 def test_top_k_1_equals_greedy(tiny_models):
   s = Sampler(tiny_models['tiny-gemma3'], cache_length=64)
-  greedy = [c.tokens for c in s.sample(PROMPTS, 24)]
+  greedy = [c.tokens for c in s.sample(PROMPTS, NEW)]
   for seed in (0, 1):
-    top1 = s.sample(PROMPTS, 24, sampling=SamplingParams(temperature=1.5, top_k=1), seed=seed)
+    top1 = s.sample(PROMPTS, NEW, sampling=SamplingParams(temperature=1.5, top_k=1), seed=seed)
     assert [c.tokens for c in top1] == greedy
 
 
@@ -147,15 +143,15 @@ def test_sampler_first_token_frequencies(tiny_models):
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batch(tiny_models):
+  """Row i draws from fold_in(key(seed), i): a prompt's sample does not depend on its companions."""
   s = Sampler(tiny_models['tiny-gemma3'], cache_length=64)
   rule = SamplingParams(temperature=1.0, top_p=0.95)
-  batch = s.sample(PROMPTS, 24, sampling=rule, seed=5)
-  again = s.sample(PROMPTS, 24, sampling=rule, seed=5)
+  batch = s.sample(PROMPTS, NEW, sampling=rule, seed=5)
+  again = s.sample(PROMPTS, NEW, sampling=rule, seed=5)
   assert [c.tokens for c in batch] == [c.tokens for c in again]
-  alone = s.sample(PROMPTS[:1], 24, sampling=rule, seed=5)
-  other = s.sample([PROMPTS[0], PROMPTS[2]], 24, sampling=rule, seed=5)
-  assert alone[0].tokens == batch[0].tokens == other[0].tokens
-  assert s.sample(PROMPTS[:1], 24, sampling=rule, seed=6)[0].tokens != alone[0].tokens
+  others = s.sample([PROMPTS[0], PROMPTS[3], PROMPTS[1], PROMPTS[3]], NEW, sampling=rule, seed=5)
+  assert others[0].tokens == batch[0].tokens and others[3].tokens == batch[3].tokens
+  assert s.sample(PROMPTS, NEW, sampling=rule, seed=6)[0].tokens != batch[0].tokens
 
 
 def test_greedy_rows_independent_of_batch(tiny_models):
@@ -214,54 +210,60 @@ def test_errors(tiny_models):
 
 # The real Gemma 3 270M (GGUF), against transformers loading the same file.
 
-REAL_PROMPTS = ['The capital of France is', 'def fibonacci(n):',
+# Different lengths; all real tests share this batch shape, so they compile once.
+REAL_PROMPTS = ['The capital of France is', 'def fibonacci(n):', '1, 2, 3, 4, 5,',
                 'Once upon a time, in a small village by the sea, there lived an old fisherman who']
+REAL_NEW = 64
 
 
 @pytest.fixture(scope='module')
 def real(gguf_path):
+  """(model, tokenizer, sampler, greedy completions of REAL_PROMPTS)."""
   from gemma_jax.convert.gguf import load_gguf
   model, tokenizer = load_gguf(gguf_path)
-  return model, tokenizer, Sampler(model, tokenizer, cache_length=256)
+  sampler = Sampler(model, tokenizer, cache_length=256)
+  return model, tokenizer, sampler, sampler.sample(REAL_PROMPTS, REAL_NEW)
 
 
 def test_real_270m_batch_greedy_equals_transformers(real, gguf_path):
-  _, tok, s = real
+  _, tok, _, out = real
   hf = transformers.AutoModelForCausalLM.from_pretrained(
       gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
-  out = s.sample(REAL_PROMPTS, 64)
   for prompt, c in zip(REAL_PROMPTS, out):
     ids = tok.encode(prompt)
     with torch.no_grad():
-      ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+      ref = hf.generate(torch.tensor([ids]), max_new_tokens=REAL_NEW, do_sample=False,
                         eos_token_id=[tok.eos_id, tok.end_of_turn_id])[0, len(ids):].tolist()
     assert c.tokens == ref, prompt
     assert c.text == tok.decode(ref[:-1] if c.finish_reason == 'stop' else ref)
-  assert sum(len(c.tokens) for c in out) > 100
+  assert sum(len(c.tokens) for c in out) > 150
 
 
 def test_real_stream_pieces_add_up_to_the_text(real):
-  _, _, s = real
-  stream = s.sample(REAL_PROMPTS[:2], 24, stream=True)
+  _, _, s, out = real
+  stream = s.sample(REAL_PROMPTS, REAL_NEW, stream=True)
   pieces = list(stream)
-  assert len(pieces) >= 24 // s.stream_chunk
+  assert len(pieces) >= REAL_NEW // s.stream_chunk
+  assert [c.tokens for c in stream.result] == [c.tokens for c in out]
   for i, c in enumerate(stream.result):
     assert ''.join(p[i] for p in pieces) == c.text
-  assert [c.tokens for c in stream.result] == [c.tokens for c in s.sample(REAL_PROMPTS[:2], 24)]
+    assert stream.done[i] == (c.finish_reason == 'stop')
 
 
 def test_real_stop_string(real):
-  _, tok, s = real
-  free = s.sample(['1, 2, 3, 4, 5,'], 30)[0]
+  _, tok, s, out = real
+  free = out[2]
   assert ' 9,' in free.text
-  out = s.sample(['1, 2, 3, 4, 5,'], 30, stop_tokens=[' 9,'])[0]
-  assert out.finish_reason == 'stop' and out.text == free.text[:free.text.index(' 9,')]
-  assert ' 9,' in tok.decode(out.tokens) and ' 9,' not in tok.decode(out.tokens[:-1])
+  stopped = s.sample(REAL_PROMPTS, REAL_NEW, stop_tokens=[' 9,'])[2]
+  assert stopped.finish_reason == 'stop'
+  assert stopped.text == free.text[:free.text.index(' 9,')]
+  assert ' 9,' in tok.decode(stopped.tokens) and ' 9,' not in tok.decode(stopped.tokens[:-1])
+  assert stopped.tokens == free.tokens[:len(stopped.tokens)]
 
 
 def test_real_chat_keeps_its_cache(real):
   """Turn 2 from the cache equals sampling the whole formatted conversation from scratch."""
-  _, tok, s = real
+  _, tok, s, _ = real
   chat = s.chat()
   first = chat.send('Name a color.', 12)
   used = chat.tokens_used
