@@ -187,6 +187,26 @@ def test_decode_compiles_once_per_bucket(tiny_models):
   assert (sampler_lib._decode._cache_size(), sampler_lib._prefill._cache_size()) == sizes
 
 
+@pytest.mark.xfail(strict=False, reason='needs /work/requests-sampler.patch (decode-time projections '
+                   'that read weights in place); remove this mark once it lands')
+@pytest.mark.parametrize('name', ['tiny-gemma1', 'tiny-gemma3'])
+def test_decode_loop_reads_weights_in_place(name):
+  """The compiled decode loop needs no weight-sized scratch: XLA must not transpose or slice
+  (copy) projection weights on every step, which would double the bytes a step moves."""
+  model = nnx.eval_shape(lambda: Transformer(get_preset(name), rngs=nnx.Rngs(0)))
+  s = Sampler.__new__(Sampler)
+  s.model, s.pad_id, s.cache_dtype = model, 0, None
+  graphdef, state = nnx.split(model)
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
+  carry = jax.eval_shape(lambda k: s._new_carry(model.init_cache(1, 16), [3], [0], k, 16, False),
+                         keys)
+  compiled = sampler_lib._decode.lower(
+      graphdef, state, carry, jax.ShapeDtypeStruct((8,), jnp.int32),
+      jax.ShapeDtypeStruct((), jnp.int32), sampling=GREEDY, pad_id=0).compile()
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.05 * param_bytes
+
+
 def test_errors(tiny_models):
   s = Sampler(tiny_models['tiny-gemma1'], cache_length=32)
   with pytest.raises(ValueError, match='prompt list is empty'):
