@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,10 @@ from flax import nnx
 _MIN_BUCKET = 16  # shortest prefill / output-buffer bucket (powers of two above it)
 _STOP_STRING_CHUNK = 16  # decode steps between host-side stop-string checks
 _STOP_IDS_PAD = 8  # stop-id arrays are padded (with -1) to a multiple of this, bounding recompiles
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +53,7 @@ class SamplingParams:
   def __post_init__(self):
     if not self.temperature >= 0:  # also rejects NaN
       raise ValueError(f'SamplingParams: temperature must be >= 0, got {self.temperature}.')
-    if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+    if not _is_int(self.top_k) or self.top_k < 0:
       raise ValueError(f'SamplingParams: top_k must be an integer >= 0, got {self.top_k!r}.')
     if not 0 < self.top_p <= 1:
       raise ValueError(f'SamplingParams: top_p must be in (0, 1], got {self.top_p}.')
@@ -63,7 +67,10 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, sampling: SamplingParams) -> jax.Array:
-  """Draws one token id per row from float32 logits [B, V] with one PRNG key per row."""
+  """Draws one token id per row from float32 logits [B, V] with one PRNG key per row.
+
+  top_k uses `lax.top_k`; top_p without top_k sorts the whole vocabulary every step.
+  """
   if sampling.greedy:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
@@ -111,7 +118,8 @@ def _decode(graphdef, state, carry, stop_ids, limit, *, sampling, pad_id):
                done=c['done'] | jnp.isin(token_B, stop_ids),
                tokens=jax.lax.dynamic_update_slice(c['tokens'], token_B[:, None], (0, c['step'])))
     if 'logits' in c:
-      new['logits'] = jax.lax.dynamic_update_slice(c['logits'], logits_BV[:, None], (0, c['step'], 0))
+      new['logits'] = jax.lax.dynamic_update_slice(c['logits'], logits_BV[:, None],
+                                                   (0, c['step'], 0))
     return new
 
   return jax.lax.while_loop(cond, body, carry)
@@ -172,8 +180,10 @@ class Sampler:
 
   def __init__(self, model, tokenizer=None, *, cache_length: int = 1024, cache_dtype=None,
                stream_chunk: int = 4):
-    if cache_length < 2:
-      raise ValueError(f'Sampler: cache_length must be >= 2, got {cache_length}.')
+    if not _is_int(cache_length) or cache_length < 2:
+      raise ValueError(f'Sampler: cache_length must be an integer >= 2, got {cache_length!r}.')
+    if not _is_int(stream_chunk) or stream_chunk < 1:
+      raise ValueError(f'Sampler: stream_chunk must be an integer >= 1, got {stream_chunk!r}.')
     self.model = model
     self.tokenizer = tokenizer
     self.cache_length = cache_length
@@ -207,9 +217,9 @@ class Sampler:
     return sorted(set(ids)), strings
 
   def _check_length(self, used: int, max_new_tokens: int, what: str) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or (
-        max_new_tokens < 1):
-      raise ValueError(f'Sampler: max_new_tokens must be a positive integer, got {max_new_tokens!r}.')
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+      raise ValueError(f'Sampler: max_new_tokens must be a positive integer, got '
+                       f'{max_new_tokens!r}.')
     if used + max_new_tokens > self.cache_length:
       raise ValueError(
           f'Sampler: {what} ({used} tokens) + max_new_tokens ({max_new_tokens}) exceeds '
@@ -346,12 +356,17 @@ class Sampler:
         pass
       return results(*state[:3], return_logits)
 
+    # A live row holds back what could be the start of a stop string split across chunks.
+    hold = max((len(x) for x in stop_strings), default=1) - 1
+
     def pieces():
       emitted = [''] * len(ids)
-      for state in steps:
-        yield ([_delta(emitted, i, c.text) for i, c in enumerate(results(*state[:3], False))],
-               [bool(d) for d in state[3]])
-      return results(*state[:3], return_logits)
+      for carry, tokens_BN, step, done_B in steps:
+        last = done_B.all() or step >= max_new_tokens
+        texts = [c.text if done_B[i] or last else c.text[:len(c.text) - hold]
+                 for i, c in enumerate(results(carry, tokens_BN, step, False))]
+        yield [_delta(emitted, i, t) for i, t in enumerate(texts)], [bool(d) for d in done_B]
+      return results(carry, tokens_BN, step, return_logits)
 
     return SampleStream(pieces())
 

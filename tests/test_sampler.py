@@ -279,6 +279,11 @@ def test_real_stop_string(real):
   assert stopped.text == free.text[:free.text.index(' 9,')]
   assert ' 9,' in tok.decode(stopped.tokens) and ' 9,' not in tok.decode(stopped.tokens[:-1])
   assert stopped.tokens == free.tokens[:len(stopped.tokens)]
+  stream = s.sample(REAL_PROMPTS, REAL_NEW, stop_tokens=[' 9,'], stream=True)
+  pieces = list(stream)  # never shows a stop string's first half, which a later chunk completes
+  for i, c in enumerate(stream.result):
+    assert ''.join(p[i] for p in pieces) == c.text
+  assert stream.result[2].text == stopped.text
 
 
 def test_real_chat_keeps_its_cache(real):
