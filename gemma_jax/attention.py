@@ -82,10 +82,10 @@ class Attention(nnx.Module):
     """Returns (out_BTD, new_cache). segment_ids: 0 marks padding; packed examples differ."""
     c = self.config
     if c.fused_qkv:
-      q_BTNH, k_BTKH, v_BTKH = self.qkv_einsum('BTD,CNDH->CBTNH', x_BTD)
+      q_BTNH, k_BTKH, v_BTKH = self.qkv_einsum.project(x_BTD)  # 'BTD,CNDH->CBTNH'
     else:
-      q_BTNH = self.q_einsum('BTD,NDH->BTNH', x_BTD)
-      k_BTKH, v_BTKH = self.kv_einsum('BTD,CKDH->CBTKH', x_BTD)
+      q_BTNH = self.q_einsum.project(x_BTD)  # 'BTD,NDH->BTNH'
+      k_BTKH, v_BTKH = self.kv_einsum.project(x_BTD)  # 'BTD,CKDH->CBTKH'
     if c.use_qk_norm:
       q_BTNH, k_BTKH = self._query_norm(q_BTNH), self._key_norm(k_BTKH)
     q_BTNH = apply_rope(q_BTNH, positions_BT, base=self.rope_base, scale=self.rope_scale)
@@ -128,7 +128,7 @@ class Attention(nnx.Module):
           implementation='cudnn')
     else:
       enc_BTNH = self._attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-    return self.attn_vec_einsum('BTNH,NHD->BTD', enc_BTNH), new_cache
+    return self.attn_vec_einsum.merge_heads(enc_BTNH), new_cache  # 'BTNH,NHD->BTD'
 
   def _use_cudnn(self) -> bool:
     if ATTENTION_IMPL == 'xla':

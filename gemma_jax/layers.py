@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -11,6 +12,10 @@ from flax import nnx
 # Logical axis names (see gemma_jax/sharding.py for how they map onto a device mesh).
 # Parameters: vocab, embed, heads, kv_heads, head_dim, mlp. A None entry is never sharded.
 LogicalAxes = tuple[str | None, ...]
+
+# Up to this many rows (B*T: decoding), projections batch their dot over the weight's leading axes
+# so that the weight is read in its stored layout (see `Einsum.project`).
+FEW_ROWS = 64
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: LogicalAxes) -> nnx.Param:
@@ -33,15 +38,40 @@ def fan_in_normal(fan_in_axes: Sequence[int]):
 
 
 class Einsum(nnx.Module):
-  """A weight `w` of a given shape applied with a fixed einsum string, e.g. 'BTD,NDH->BTNH'."""
+  """A projection weight `w`: `project` for q/kv/qkv ([..., N, D, H]), `merge_heads` for the
+  attention output ([N, H, D])."""
 
   def __init__(self, shape: Sequence[int], axes: LogicalAxes, fan_in_axes: Sequence[int], *,
                rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
     self.w = param(rngs, fan_in_normal(fan_in_axes), shape, param_dtype, axes)
     self.dtype = dtype
 
-  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
-    return jnp.einsum(eqn, x.astype(self.dtype), self.w[...].astype(self.dtype))
+  def project(self, x_BTD: jax.Array) -> jax.Array:
+    """einsum('BTD,...NDH->...BTNH') for a weight [..., N, D, H] (q, kv and fused qkv).
+
+    With few rows (B*T <= FEW_ROWS, i.e. decoding) the weight's leading axes become batch axes of
+    the dot, so it is read in its stored layout: contracting its middle axis D otherwise makes XLA
+    transpose (copy) the whole weight on every call, which doubles the bytes a decode step moves.
+    With many rows that transpose is negligible next to the matmul, and broadcasting x per head
+    would cost activation memory, so the plain einsum stays.
+    """
+    x = x_BTD.astype(self.dtype)
+    w = self.w[...].astype(self.dtype)
+    B, T, D = x.shape
+    if B * T > FEW_ROWS:
+      return jnp.einsum('BTD,...NDH->...BTNH', x, w)
+    lead, H = w.shape[:-2], w.shape[-1]
+    G = math.prod(lead)
+    x_GMD = jnp.broadcast_to(x.reshape(1, B * T, D), (G, B * T, D))
+    out_GMH = jnp.einsum('GMD,GDH->GMH', x_GMD, w.reshape(G, D, H))
+    return jnp.moveaxis(out_GMH.reshape(*lead, B, T, H), len(lead) - 1, -2)
+
+  def merge_heads(self, x_BTNH: jax.Array) -> jax.Array:
+    """einsum('BTNH,NHD->BTD') for a weight [N, H, D], as one [B*T, N*H] x [N*H, D] matmul (a
+    layout XLA reads without copying the weight)."""
+    B, T, N, H = x_BTNH.shape
+    w_ND = self.w[...].astype(self.dtype).reshape(N * H, -1)
+    return (x_BTNH.astype(self.dtype).reshape(B * T, N * H) @ w_ND).reshape(B, T, -1)
 
 
 class RMSNorm(nnx.Module):

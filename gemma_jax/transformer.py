@@ -11,7 +11,7 @@ from flax import nnx
 
 from gemma_jax.attention import Attention, init_layer_cache
 from gemma_jax.config import ModelConfig
-from gemma_jax.layers import RMSNorm, fan_in_normal, param, soft_cap
+from gemma_jax.layers import FEW_ROWS, RMSNorm, fan_in_normal, param, soft_cap
 from gemma_jax.sharding import constrain
 
 Cache = dict[str, Any]  # {'end_index': int32 scalar, 'layers': [layer cache, ...]}
@@ -61,8 +61,13 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     w_2DF = self.gating_einsum[...].astype(self.dtype)
-    gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[0])
-    up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[1])
+    B, T, D = x_BTD.shape
+    if B * T <= FEW_ROWS:  # decoding: one dot batched over (gate, up) reads w in its stored layout
+      x_2MD = jnp.broadcast_to(x_BTD.reshape(1, B * T, D), (2, B * T, D))
+      gate_BTF, up_BTF = jnp.einsum('CMD,CDF->CMF', x_2MD, w_2DF).reshape(2, B, T, -1)
+    else:
+      gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[0])
+      up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[1])
     act_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
     return jnp.einsum('BTF,FD->BTD', act_BTF, self.linear[...].astype(self.dtype))
 
