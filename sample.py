@@ -19,7 +19,8 @@ from absl import app
 from absl import flags
 
 _CKPT = flags.DEFINE_string('ckpt', None, 'Checkpoint directory (save_params / gemma_jax.convert).')
-_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'SentencePiece model; default DIR/tokenizer.model.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None,
+                                 'SentencePiece model; default DIR/tokenizer.model.')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt (repeatable); in --chat, a user turn.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per prompt or turn.')
 _GREEDY = flags.DEFINE_bool('greedy', False, 'Greedy decoding (argmax).')

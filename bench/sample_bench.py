@@ -10,9 +10,10 @@ tokens/s = batch x new tokens / wall time of one whole generate call (prefill in
 generates exactly the budget. GPU rows also give the fraction of the HBM roofline: the roofline
 is batch x (measured device-to-device copy bandwidth) / (weight bytes), i.e. every step reads
 every weight once (the tied embedding as the output head). The copy bandwidth counts bytes read
-plus bytes written by the fastest of three jitted elementwise passes over 2 GiB. A side that fails prints its error in the table
-and the others still run; rows not reached within --budget_s seconds are marked skipped.
-Imports only jax, flax, numpy, torch and transformers (plus gguf for the CPU model).
+plus bytes written by the fastest of three jitted elementwise passes over 2 GiB. A side that fails
+prints its error in the table and the others still run; rows not reached within --budget_s
+seconds are marked skipped. Imports only jax, flax, numpy, torch and transformers (plus gguf for
+the CPU model).
 """
 
 import argparse
@@ -97,7 +98,8 @@ class Table:
 
   def print(self):
     roofline = self.weight_bytes is not None and self.bandwidth is not None
-    head = '| implementation | batch | tokens/s | ms / step |' + (' % of HBM roofline |' if roofline else '')
+    head = '| implementation | batch | tokens/s | ms / step |'
+    head += ' % of HBM roofline |' if roofline else ''
     print(head)
     print('|' + '---|' * (head.count('|') - 1))
     for name, batch, result in self.rows:
@@ -154,7 +156,8 @@ def run_gpu(args):
   hf = None
   try:
     hf_config = transformers.GemmaConfig(
-        vocab_size=min(config.vocab_size, 256000), hidden_size=config.embed_dim, intermediate_size=config.hidden_dim,
+        vocab_size=min(config.vocab_size, 256000), hidden_size=config.embed_dim,
+        intermediate_size=config.hidden_dim,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim)
     with torch.device('cuda' if torch.cuda.is_available() else 'cpu'):

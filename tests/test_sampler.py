@@ -187,8 +187,6 @@ def test_decode_compiles_once_per_bucket(tiny_models):
   assert (sampler_lib._decode._cache_size(), sampler_lib._prefill._cache_size()) == sizes
 
 
-@pytest.mark.xfail(strict=False, reason='needs /work/requests-sampler.patch (decode-time projections '
-                   'that read weights in place); remove this mark once it lands')
 @pytest.mark.parametrize('name', ['tiny-gemma1', 'tiny-gemma3'])
 def test_decode_loop_reads_weights_in_place(name):
   """The compiled decode loop needs no weight-sized scratch: XLA must not transpose or slice
