@@ -17,6 +17,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _CKPT = flags.DEFINE_string('ckpt', None, 'Checkpoint directory (save_params / gemma_jax.convert).')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None,
@@ -157,6 +158,8 @@ def run_chat(model, tokenizer, first_turns, sampling):
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}; pass prompts with --prompt TEXT.', code=2)
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
   try:
     sampling = sampling_params()
     if _MAX_NEW.value < 1:

@@ -2,7 +2,7 @@
 # All GPU measurements in one go (about 9 minutes on one H100/H200): the cuDNN attention check,
 # the sampling benchmark and the training benchmark, each next to transformers in the same run.
 #   bash bench/gpu_suite.sh [OUTDIR]
-# Missing packages on a bare GPU image can travel as wheels in .whl/ (see README, "GPU benchmarks").
+# Packages missing on a bare GPU image (ml_collections, grain, ...) can be put as wheels in .whl/.
 set -u
 export PYTHONUNBUFFERED=1
 OUTDIR=${1:-${OUT:-/tmp/gpu_suite}}

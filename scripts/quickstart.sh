@@ -15,4 +15,4 @@ fi
 echo
 echo "Sampling from $WORKDIR/final (held-out prompts, greedy):"
 .venv/bin/python sample.py --ckpt="$WORKDIR/final" --chat --greedy --max_new_tokens=16 \
-  --prompt="Reverse the letters: q u i c k" --prompt="Reverse the letters: j a x" --verbosity=-1 </dev/null
+  --prompt="Reverse the letters: q u i c k" --prompt="Reverse the letters: j a x" </dev/null
