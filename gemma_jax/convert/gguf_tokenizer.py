@@ -34,18 +34,11 @@ _TYPE_MAP = {_NORMAL: _SP.NORMAL, _UNKNOWN: _SP.UNKNOWN, _CONTROL: _SP.USER_DEFI
 def _open(path_or_reader):
   """Returns (reader, name for messages)."""
   import gguf  # Deferred: only GGUF import paths need the package.
+  from gemma_jax.convert.gguf import open_gguf  # Deferred: gguf.py imports this module lazily too.
   if isinstance(path_or_reader, gguf.GGUFReader):
     return path_or_reader, str(getattr(path_or_reader.data, 'filename', None) or '<GGUFReader>')
   path = os.fspath(path_or_reader)
-  if not os.path.isfile(path):
-    raise ValueError(f'{path}: GGUF file not found')
-  with open(path, 'rb') as f:
-    if f.read(4) != b'GGUF':
-      raise ValueError(f'{path}: not a GGUF file (it does not start with the magic "GGUF")')
-  try:
-    return gguf.GGUFReader(path, 'r'), path
-  except Exception as e:  # The reader raises assorted errors on corrupt files.
-    raise ValueError(f'{path}: could not read GGUF file: {e}') from e
+  return open_gguf(path), path
 
 
 def _field(reader, name, key, required=True):
