@@ -123,13 +123,14 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, straight):
 
 
 def test_sharded_training_equals_one_device(tmp_path, straight):
-  """The same job on 4 simulated CPU devices (data 2 x fsdp 2), with 2 micro-batches per step:
-  the same losses and final params as one device, up to float summation order."""
+  """`train.py --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2` on 8 simulated
+  CPU devices, with 2 micro-batches per step: the same losses and final params as one device, up
+  to float summation order."""
   overrides, straight = straight
   workdir = str(tmp_path / 'sharded')
-  overrides = dict(overrides, **{'mesh.data': 2, 'mesh.fsdp': 2,
+  overrides = dict(overrides, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2,
                                  'optimizer.grad_accum_steps': 2})
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
   result = _run(['train.py'] + _flags(QUICKSTART, workdir, overrides), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
