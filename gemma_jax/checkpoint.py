@@ -55,6 +55,13 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
+def sync_processes(name: str) -> None:
+  """A barrier across all JAX processes (nothing to wait for with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def save_params(model: Transformer, directory: str | os.PathLike, tokenizer: Any = None) -> None:
   """Writes `model`'s parameters, its config and optionally its tokenizer to `directory`.
 
@@ -66,12 +73,16 @@ def save_params(model: Transformer, directory: str | os.PathLike, tokenizer: Any
   params_dir = os.path.join(directory, PARAMS_DIR)
   if os.path.exists(params_dir):
     raise ValueError(f'save_params: {params_dir} already exists; choose an empty directory.')
+  # Every process must have looked before any starts writing (the Orbax save is collective).
+  sync_processes('save_params:checked')
   os.makedirs(directory, exist_ok=True)
   flat = {param_name(path): var.get_value()
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(params_dir, _nest(flat))
   checkpointer.wait_until_finished()
+  if jax.process_index() != 0:
+    return  # one writer for the small files
   with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
     json.dump(model.config.to_dict(), f, indent=2)
   if tokenizer is not None:

@@ -184,6 +184,9 @@ class Sampler:
       raise ValueError(f'Sampler: cache_length must be an integer >= 2, got {cache_length!r}.')
     if not _is_int(stream_chunk) or stream_chunk < 1:
       raise ValueError(f'Sampler: stream_chunk must be an integer >= 1, got {stream_chunk!r}.')
+    if jax.process_count() > 1:
+      raise ValueError('Sampler: sampling runs in one process (over any number of its devices); '
+                       f'this job has {jax.process_count()} processes.')
     self.model = model
     self.tokenizer = tokenizer
     self.cache_length = cache_length

@@ -344,8 +344,9 @@ def export_params(graphdef, params, rest, tokenizer, workdir: str) -> str:
   """Writes the final params-only checkpoint (+ tokenizer.model) for sample.py: WORKDIR/final."""
   from gemma_jax import checkpoint  # pylint: disable=g-import-not-at-top
   out = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
-  if os.path.exists(out):
+  if os.path.exists(out) and jax.process_index() == 0:
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(out)
+  checkpoint.sync_processes('export_params:cleared')  # nobody checks `out` before it is gone
   checkpoint.save_params(nnx.merge(graphdef, params, rest), out, tokenizer)
   return out

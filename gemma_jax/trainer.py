@@ -219,6 +219,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   s_shard = state_shardings(mesh, abstract_state, rules)
   train_iter = iter(train_setup.make_dataset(config, tokenizer, split='train'))
   held_out = train_setup.exact_match_examples(config)
+  if held_out and jax.process_count() > 1:
+    _say('Exact-match evaluation skipped: the Sampler runs in one process, and this job has '
+         f'{jax.process_count()}. Sample from WORKDIR/final afterwards.')
+    held_out = []
 
   with sharding.use_mesh(mesh, rules):
     if resume_step is None:

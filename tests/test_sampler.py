@@ -205,6 +205,13 @@ def test_decode_loop_reads_weights_in_place(name):
   assert compiled.memory_analysis().temp_size_in_bytes < 0.05 * param_bytes
 
 
+def test_multi_process_jobs_get_a_clear_error(tiny_models, monkeypatch):
+  """Sampling runs in one process; a multi-process job is told so instead of failing deep inside."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match='sampling runs in one process'):
+    Sampler(tiny_models['tiny-gemma1'], cache_length=32)
+
+
 def test_errors(tiny_models):
   s = Sampler(tiny_models['tiny-gemma1'], cache_length=32)
   with pytest.raises(ValueError, match='prompt list is empty'):
