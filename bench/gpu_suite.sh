@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# All GPU measurements in one go (about 9 minutes on one H100/H200): the cuDNN attention check,
-# the sampling benchmark and the training benchmark, each next to transformers in the same run.
-#   bash bench/gpu_suite.sh [OUTDIR]
+# The GPU measurements, each next to transformers in the same run where there is one.
+#   bash bench/gpu_suite.sh [OUTDIR] [SECTIONS]
+# SECTIONS (comma-separated, default attention,sample,train: about 9 minutes on one H100/H200):
+#   attention  the cuDNN attention path against the XLA path (logits and gradients)
+#   sample     bench/sample_bench.py, batch 1 and 16
+#   train      bench/train_bench.py, gemma1-2b batch 8, whole-logits loss (ours and transformers)
+#   chunk      the same with the head-fused loss (loss_chunk 512) at batch 8 and 16 (ours)
+#   train7b    gemma1-7b on one card: XLA's memory plan, then remat=full, bf16 params and AdamW
+#              state, head-fused loss, batch 2 (ours; about 4 minutes)
 # Packages missing on a bare GPU image (ml_collections, grain, ...) can be put as wheels in .whl/.
 set -u
 export PYTHONUNBUFFERED=1
 OUTDIR=${1:-${OUT:-/tmp/gpu_suite}}
+SECTIONS=",${2:-attention,sample,train},"
+want() { [[ $SECTIONS == *",$1,"* ]]; }
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -15,16 +23,37 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import jax, flax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 
-echo "== attention: cuDNN path vs XLA path =="
-timeout 100 $PY bench/attention_check.py 2>&1 | tee "$OUTDIR/attention.log"
-if [ "${PIPESTATUS[0]}" != 0 ]; then
-  echo "cuDNN attention check failed: the benchmarks below use GEMMA_JAX_ATTENTION=xla"
-  export GEMMA_JAX_ATTENTION=xla
+if want attention; then
+  echo "== attention: cuDNN path vs XLA path =="
+  timeout 100 $PY bench/attention_check.py 2>&1 | tee "$OUTDIR/attention.log"
+  if [ "${PIPESTATUS[0]}" != 0 ]; then
+    echo "cuDNN attention check failed: the benchmarks below use GEMMA_JAX_ATTENTION=xla"
+    export GEMMA_JAX_ATTENTION=xla
+  fi
 fi
 
-echo "== sampling =="
-timeout 200 $PY bench/sample_bench.py --gpu --budget_s 150 --repeats 3 2>&1 | tee "$OUTDIR/sample.log"
+if want sample; then
+  echo "== sampling =="
+  timeout 200 $PY bench/sample_bench.py --gpu --budget_s 150 --repeats 3 2>&1 | tee "$OUTDIR/sample.log"
+fi
 
-echo "== training =="
-timeout 270 $PY bench/train_bench.py --batch 8 --steps 4 --warmup 2 --timeout 130 \
-  --json "$OUTDIR/train.json" 2>&1 | tee "$OUTDIR/train.log"
+if want train; then
+  echo "== training =="
+  timeout 270 $PY bench/train_bench.py --batch 8 --steps 4 --warmup 2 --timeout 130 \
+    --json "$OUTDIR/train.json" 2>&1 | tee "$OUTDIR/train.log"
+fi
+
+if want chunk; then
+  echo "== training, head-fused loss =="
+  timeout 270 $PY bench/train_bench.py --batch 8,16 --loss_chunk 512 --sides ours --steps 4 \
+    --warmup 2 --timeout 130 --json "$OUTDIR/train_chunk.json" 2>&1 | tee "$OUTDIR/train_chunk.log"
+fi
+
+if want train7b; then
+  echo "== gemma1-7b on one card =="
+  timeout 100 $PY bench/step_memory.py --runs gemma1-7b:2:2048:full:bfloat16:512 2>&1 \
+    | tee "$OUTDIR/step_memory_7b.log"
+  timeout 200 $PY bench/train_bench.py --preset gemma1-7b --batch 2 --remat full \
+    --param_dtype bfloat16 --loss_chunk 512 --sides ours --steps 3 --warmup 1 --timeout 190 \
+    --json "$OUTDIR/train_7b.json" 2>&1 | tee "$OUTDIR/train_7b.log"
+fi

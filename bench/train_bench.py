@@ -2,6 +2,7 @@ r"""Training-step throughput and MFU: our jitted train step next to transformers
 
   python bench/train_bench.py                         # GPU: gemma1-2b, seq 2048, bf16, batch 8
   python bench/train_bench.py --preset=tiny-gemma1 --seq=64 --batch=2 --steps=3   # CPU smoke test
+  python bench/train_bench.py --batch=8,16 --loss_chunk=512 --sides=ours   # head-fused loss
 
 Both sides train the same architecture from random weights on random tokens (every token a
 target), one AdamW step per iteration (weight decay 0.01, clipping at 1.0), and report the median
@@ -77,8 +78,9 @@ def run_ours(args) -> dict:
   with sharding.use_mesh(mesh):
     params = jax.jit(lambda: nnx.state(make(), nnx.Param), out_shardings=shardings['params'])()
     state = jax.jit(lambda p: trainer.init_state(p, tx, 0), out_shardings=shardings)(params)
-    step = trainer.jit_train_step(trainer.make_train_step(graphdef, rest, tx, schedule),
-                                  mesh, abstract)
+    step = trainer.jit_train_step(
+        trainer.make_train_step(graphdef, rest, tx, schedule, loss_chunk=args.loss_chunk),
+        mesh, abstract)
     batch = sharding.put_batch(_batch(mc.vocab_size, args.batch, args.seq), mesh)
     times = []
     for i in range(args.warmup + args.steps):
@@ -149,6 +151,8 @@ def main() -> None:
   parser.add_argument('--dtype', default='bfloat16', help='our compute dtype')
   parser.add_argument('--param_dtype', default='bfloat16', help='parameter dtype, both sides')
   parser.add_argument('--remat', default='none', help="ours: 'none' | 'dots' | 'full'")
+  parser.add_argument('--loss_chunk', type=int, default=0,
+                      help='ours: tokens per chunk of the head-fused loss (0 = whole logits)')
   parser.add_argument('--sides', default='ours,transformers')
   parser.add_argument('--steps', type=int, default=6)
   parser.add_argument('--warmup', type=int, default=2)
@@ -170,7 +174,8 @@ def main() -> None:
     for side in args.sides.split(','):
       cmd = [sys.executable, os.path.abspath(__file__), f'--side={side}', f'--batch={batch}'] + [
           f'--{k}={v}' for k, v in vars(args).items()
-          if k in ('preset', 'seq', 'dtype', 'param_dtype', 'remat', 'steps', 'warmup')]
+          if k in ('preset', 'seq', 'dtype', 'param_dtype', 'remat', 'loss_chunk', 'steps',
+                   'warmup')]
       env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
           'XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95'))
       try:
@@ -190,7 +195,7 @@ def main() -> None:
 
   import platform  # pylint: disable=g-import-not-at-top
   print(f'\n{args.preset}, seq {args.seq}, params {args.param_dtype}, our compute {args.dtype}, '
-        f'our remat {args.remat}; {fpt / 1e9:.3g} GFLOP/token; MFU of {args.peak_tflops:g} '
+        f'our remat {args.remat}, our loss_chunk {args.loss_chunk}; {fpt / 1e9:.3g} GFLOP/token; MFU of {args.peak_tflops:g} '
         f'TFLOP/s; median of {args.steps} steps after {args.warmup}; host {platform.node()}')
   print('| side | batch | step (s) | tokens/s | TFLOP/s | MFU | peak mem (GB) | loss |')
   print('|---|---|---|---|---|---|---|---|')

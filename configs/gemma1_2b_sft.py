@@ -10,7 +10,9 @@ Without init_path it starts from random weights only if you set --config.model.i
 data.path/eval_path at your own JSONL, or use data.source=tfds with data.name/data.data_dir.
 Memory: float32 master weights + AdamW = 16 bytes/parameter (2.5B: ~40 GB) sharded over the
 mesh. Measured on one H200 without remat (bench/train_bench.py): batch 8 x 2048 peaks at 117 GB;
-remat='dots' (here) keeps less; on one 80 GB card lower batch_size or use more devices.
+remat='dots' (here) keeps less; on one 80 GB card lower batch_size, use more devices, or set
+--config.loss_chunk=512 (the head-fused loss: the float32 [B, T, V] logits, 16.8 GB at 8 x 2048,
+are never made whole; gemma_jax/loss.py).
 """
 
 import os

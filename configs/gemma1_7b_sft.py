@@ -10,7 +10,9 @@ Without init_path it starts from random weights only if you set --config.model.i
 data.path/eval_path at your own JSONL, or use data.source=tfds with data.name/data.data_dir.
 Memory: float32 master weights + AdamW = 16 bytes/parameter (8.5B: ~137 GB) sharded over the
 mesh, so it needs several accelerators (e.g. 8 x 80 GB: fsdp 4 x tensor 2); remat='full' keeps
-only block inputs; 2 micro-batches per step.
+only block inputs; 2 micro-batches per step; loss_chunk=512 fuses the output head into the loss
+so the float32 [B, T, 256000] logits (2.1 GB per 1 x 2048 row, plus their gradient) never exist
+whole (gemma_jax/loss.py).
 """
 
 import importlib.util
@@ -28,6 +30,7 @@ def get_config():
   c.batch_size = 16  # global rows per optimizer step
   c.model.preset = 'gemma1-7b'
   c.model.remat = 'full'
+  c.loss_chunk = 512
   c.optimizer.grad_accum_steps = 2
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 2  # FSDP x 2-way tensor parallel
   return c

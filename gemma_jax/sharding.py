@@ -461,6 +461,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, _RULES.get()))
 
 
+def shard_count(axis: str, dim: int) -> int:
+  """Into how many shards `constrain` splits a dimension of size `dim` with logical axis `axis`
+  under the current mesh and rules (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  entry = logical_to_spec((axis,), (dim,), mesh, _RULES.get())[0]
+  names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+  return math.prod(dict(mesh.shape)[a] for a in names)
+
+
 # ---------------------------------------------------------------------------------------------
 # Processes.
 

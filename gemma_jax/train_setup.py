@@ -5,6 +5,8 @@ Config reference (every key; configs/*.py start from `base_config()` and overrid
   steps, batch_size (global, per optimizer step), seq_len, learning_rate (peak), seed,
   log_every, eval_every (0 = no eval), eval_batches (held-out batches per eval),
   checkpoint_every, keep_checkpoints (Orbax max_to_keep).
+  loss_chunk          0 = the loss reads whole [B, T, V] logits; n > 0 = the output head is fused
+                      into the loss, n tokens at a time (gemma_jax.loss: saves the logits' memory)
   model.preset        a name from gemma_jax.config.PRESETS
   model.vocab_size    0 = the preset's; else override it (a model for a small tokenizer)
   model.init          'none' (random, seed) | 'native' (save_params dir) | 'hf' (save_pretrained
@@ -71,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batches = 20
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
+  c.loss_chunk = 0
   c.model = dict(preset='tiny-gemma3', vocab_size=0, init='none', init_path='', tokenizer='',
                  dtype='float32', param_dtype='float32', remat='none')
   c.data = dict(data_lib.DEFAULT_CONFIG)
@@ -110,6 +113,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = c[key] if '.' not in key else c[key.split('.')[0]][key.split('.')[1]]
     if int(value) < 1:
       raise ConfigError(f'config.{key}={value} must be >= 1.')
+  if c.loss_chunk < 0:
+    raise ConfigError(f'config.loss_chunk={c.loss_chunk} must be >= 0 (0 = unfused loss).')
   if c.eval_every < 0 or c.eval_batches < 1:
     raise ConfigError(f'config.eval_every={c.eval_every} must be >= 0 and config.eval_batches='
                      f'{c.eval_batches} >= 1.')

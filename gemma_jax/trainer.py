@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma_jax import metrics as metrics_lib
+from gemma_jax.loss import head_loss_sums, token_loss_sums
 from gemma_jax import optim
 from gemma_jax import sharding
 
@@ -44,39 +45,32 @@ class NonFiniteLossError(RuntimeError):
 # Loss and steps (pure functions of pytrees).
 
 
-def token_loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
-                    ) -> tuple[jax.Array, jax.Array]:
-  """Float32 cross-entropy and top-1 hits summed over tokens where `mask_BT` is 1.
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0,
+                 ) -> Callable[..., Any]:
+  """`loss_fn(params, batch, num_targets) -> (loss_sum / num_targets, correct_sum)`.
 
-  Returns `(loss_sum, correct_sum)`; divide by `mask_BT.sum()` for per-token means. A hit is a
-  target whose logit equals the row's maximum, so the maximum that stabilises the logsumexp also
-  scores accuracy: one pass over the [B, T, V] logits fewer than an argmax (ties count as hits).
+  `loss_chunk` > 0 fuses the output head into the loss, that many tokens at a time
+  (gemma_jax.loss.head_loss_sums): the [B, T, V] logits are never made whole.
   """
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  mask_BT = mask_BT.astype(jnp.float32)
-  max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
-  logz_BT = max_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1))
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  loss_sum = jnp.sum((logz_BT - target_logit_BT) * mask_BT)
-  correct_sum = jnp.sum((target_logit_BT >= max_BT) * mask_BT)
-  return loss_sum, correct_sum
-
-
-def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., Any]:
-  """`loss_fn(params, batch, num_targets) -> (loss_sum / num_targets, correct_sum)`."""
 
   def loss_fn(params, batch, num_targets):
     model = nnx.merge(graphdef, params, rest)
-    logits_BTV, _ = model(batch['tokens'], positions=batch['positions'],
-                          segment_ids=batch['segment_ids'])
-    loss_sum, correct_sum = token_loss_sums(logits_BTV, batch['targets'], batch['loss_mask'])
+    out, _ = model(batch['tokens'], positions=batch['positions'],
+                   segment_ids=batch['segment_ids'], return_hidden=loss_chunk > 0)
+    if loss_chunk > 0:
+      table_VD = model.embedder.input_embedding[...].astype(model.dtype)
+      loss_sum, correct_sum = head_loss_sums(out, table_VD, batch['targets'], batch['loss_mask'],
+                                             chunk=loss_chunk,
+                                             cap=model.config.final_logit_soft_cap)
+    else:
+      loss_sum, correct_sum = token_loss_sums(out, batch['targets'], batch['loss_mask'])
     return loss_sum / num_targets, correct_sum
 
   return loss_fn
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, grad_accum_steps: int = 1,
+                    schedule: optax.Schedule, *, grad_accum_steps: int = 1, loss_chunk: int = 0,
                     mesh: Mesh | None = None, rules: sharding.ShardingRules | None = None,
                     ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
   """The pure (unjitted) train step.
@@ -86,8 +80,9 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   `sharding.accumulate_gradients`; no row moves between devices) whose gradients are summed,
   each normalised by the whole batch's target count: the result equals the gradient of the full
   batch up to float summation order. `mesh`/`rules` shard the accumulated gradients.
+  `loss_chunk`: see `make_loss_fn`.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest), has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest, loss_chunk), has_aux=True)
   k = grad_accum_steps
 
   def train_step(state, batch):
@@ -119,9 +114,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., dict[str, jax.Array]]:
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0,
+                   ) -> Callable[..., dict[str, jax.Array]]:
   """`eval_step(params, batch) -> {'loss_sum', 'correct_sum', 'count'}` (sum over batches)."""
-  loss_fn = make_loss_fn(graphdef, rest)
+  loss_fn = make_loss_fn(graphdef, rest, loss_chunk)
 
   def eval_step(params, batch):
     loss_sum, correct_sum = loss_fn(params, batch, 1.0)
@@ -236,9 +232,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     step_fn = jit_train_step(
         make_train_step(graphdef, rest, tx, schedule, mesh=mesh, rules=rules,
-                        grad_accum_steps=config.optimizer.grad_accum_steps),
+                        grad_accum_steps=config.optimizer.grad_accum_steps,
+                        loss_chunk=config.loss_chunk),
         mesh, abstract_state, rules)
-    eval_fn = jax.jit(make_eval_step(graphdef, rest))
+    eval_fn = jax.jit(make_eval_step(graphdef, rest, config.loss_chunk))
     start = int(jax.device_get(state['step']))
     writer = metrics_lib.MetricsWriter(workdir, config.steps, start,
                                        tokens_per_step=config.batch_size * config.seq_len,

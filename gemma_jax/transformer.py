@@ -122,12 +122,15 @@ class Transformer(nnx.Module):
                               param_dtype=param_dtype)
 
   def __call__(self, tokens_BT: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: Cache | None = None,
-               ) -> tuple[jax.Array, Cache | None]:
+               segment_ids: jax.Array | None = None, cache: Cache | None = None, *,
+               return_hidden: bool = False) -> tuple[jax.Array, Cache | None]:
     """tokens [B,T] -> (logits [B,T,V] float32, updated cache or None).
 
     positions default to arange(T) (required with a cache: the true position of each token);
     segment_ids default to all ones; 0 marks padding, distinct ids separate packed examples.
+    `return_hidden` returns the final-normed hidden states [B,T,D] (compute dtype) in place of the
+    logits: `self.logits(hidden)` gives the logits, and gemma_jax.loss fuses the output head into
+    the loss so the [B,T,V] logits never exist whole.
     """
     B, T = tokens_BT.shape
     if positions is None:
@@ -150,13 +153,16 @@ class Transformer(nnx.Module):
       x_BTD = constrain(x_BTD, ACT_BTD)  # a no-op without a mesh (see gemma_jax.sharding)
       new_layer_caches.append(layer_cache)
     x_BTD = self.final_norm(x_BTD)
-    logits_BTV = soft_cap(self.embedder.decode(x_BTD).astype(jnp.float32),
-                          self.config.final_logit_soft_cap)
-    logits_BTV = constrain(logits_BTV, ACT_BTV)
     new_cache = None
     if cache is not None:
       new_cache = {'end_index': cache['end_index'] + T, 'layers': new_layer_caches}
-    return logits_BTV, new_cache
+    return (x_BTD if return_hidden else self.logits(x_BTD)), new_cache
+
+  def logits(self, x_BTD: jax.Array) -> jax.Array:
+    """Final-normed hidden states [B,T,D] -> float32 logits [B,T,V] (tied head, soft-cap)."""
+    logits_BTV = soft_cap(self.embedder.decode(x_BTD).astype(jnp.float32),
+                          self.config.final_logit_soft_cap)
+    return constrain(logits_BTV, ACT_BTV)
 
   def init_cache(self, batch_size: int, cache_length: int, dtype=None) -> Cache:
     """An empty KV cache for `batch_size` rows of up to `cache_length` tokens (dtype: compute)."""

@@ -364,3 +364,42 @@ def test_import_places_weights_straight_onto_the_mesh(tmp_path):
   assert w.sharding.spec == P(None, 'fsdp', 'tensor')
   tokens = jnp.asarray(make_batch()['tokens'])
   np.testing.assert_allclose(placed(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_head_loss_on_meshes_equals_single_device_and_reduces_once():
+  """The trainer's head-fused chunked loss (gemma_jax.loss) on a mesh equals the unfused loss on
+  one device, and its scan over chunks all-reduces nothing on pure data parallelism: each batch
+  shard keeps its own head-gradient accumulator (summed once, after the loop)."""
+  from gemma_jax import loss as loss_lib
+  from gemma_jax.trainer import make_loss_fn
+  graphdef, params, rest = nnx.split(make_model(), nnx.Param, ...)
+  batch = make_batch(7)
+  grad_fn = lambda chunk: jax.value_and_grad(make_loss_fn(graphdef, rest, chunk), has_aux=True)
+  (want_loss, want_correct), want_grads = jax.jit(lambda p, b: grad_fn(0)(p, b, 10.0))(params, batch)
+
+  def compiled(mesh):
+    p_sh = sh.param_shardings(params, mesh)
+    step = jax.jit(lambda p, b: grad_fn(4)(p, b, 10.0),
+                   in_shardings=(p_sh, sh.batch_sharding(mesh)), out_shardings=(None, p_sh))
+    with sh.use_mesh(mesh):
+      args = (jax.device_put(params, p_sh), sh.put_batch(batch, mesh))
+      return step(*args), step.lower(*args).compile().as_text()
+
+  for shape in [(8, 1, 1), (2, 2, 2), (1, 2, 4)]:
+    mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
+    ((loss, correct), grads), hlo = compiled(mesh)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert float(correct) == float(want_correct)
+    assert_trees_close(grads, want_grads, rtol=1e-5)
+    bodies = _while_bodies(hlo)
+    assert len(bodies) == 1, shape
+    if shape == (8, 1, 1):
+      assert 'all-reduce' not in bodies[0] and 'all-reduce' in hlo
+  # The check is not vacuous: one shared accumulator is all-reduced inside the loop.
+  original = loss_lib.shard_count
+  loss_lib.shard_count = lambda axis, dim: 1
+  try:
+    _, hlo = compiled(sh.make_mesh({'data': 8}))
+  finally:
+    loss_lib.shard_count = original
+  assert 'all-reduce' in _while_bodies(hlo)[0]

@@ -172,6 +172,28 @@ def test_accumulation_equals_one_large_batch(tok):
   _assert_trees_close(u1, u4, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('name', ['tiny-gemma1', 'tiny-gemma2'])  # gemma2: final soft-cap
+def test_head_fused_loss_chunks_give_the_same_step(tok, name):
+  """loss_chunk = 8 (seq 32: four chunks) and 24 (a padded tail), with and without accumulation:
+  the same loss, accuracy, grad norm and AdamW update as the unfused loss."""
+  batch = _batches(tok, 1, batch_size=4)[0]
+  tx, schedule = optax.adamw(1e-3, weight_decay=0.1), optax.constant_schedule(1e-3)
+  graphdef, params, rest = _split(name)
+  runs = {}
+  for chunk, k in ((0, 1), (8, 1), (24, 1), (8, 2)):
+    step = jax.jit(trainer.make_train_step(graphdef, rest, tx, schedule, grad_accum_steps=k,
+                                           loss_chunk=chunk))
+    runs[chunk, k] = step(trainer.init_state(params, tx, 0), batch)
+  want_state, want = runs.pop((0, 1))
+  for state, metrics in runs.values():
+    for key in ('loss', 'accuracy', 'grad_norm'):
+      np.testing.assert_allclose(float(metrics[key]), float(want[key]), rtol=1e-5)
+    _assert_trees_close(state['params'], want_state['params'], rtol=1e-5, atol=1e-6)
+  evals = [jax.jit(trainer.make_eval_step(graphdef, rest, c))(params, batch) for c in (0, 8)]
+  for key in ('loss_sum', 'correct_sum', 'count'):
+    np.testing.assert_allclose(float(evals[1][key]), float(evals[0][key]), rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimiser pieces.
 
@@ -294,6 +316,9 @@ def test_unknown_and_bad_config_keys(tmp_path):
     train_setup.validate_config(c)
   c = small_config(tmp_path, **{'lora.rank': 8})
   with pytest.raises(train_setup.ConfigError, match='LoRA'):
+    train_setup.validate_config(c)
+  c = small_config(tmp_path, loss_chunk=-1)
+  with pytest.raises(train_setup.ConfigError, match=r'config\.loss_chunk=-1'):
     train_setup.validate_config(c)
 
 

@@ -1,0 +1,134 @@
+"""Token cross-entropy for SFT: over whole logits, or fused with the output head in chunks.
+
+The output head of a 256K-vocabulary model makes the biggest activation of a training step: the
+float32 logits [B, T, V] (16.8 GB for 8 x 2048 tokens), kept for the backward pass together with
+their gradient. `head_loss_sums` never makes them whole. It walks the sequence `chunk` tokens at a
+time (a `lax.scan`); each chunk makes its logits [B, C, V], reduces them to the loss, and computes
+its share of the two head gradients there and then: d/dx for the chunk's hidden states and d/dW
+added into a float32 accumulator of the (tied) embedding table. The backward pass only scales these
+by the incoming cotangent (a `jax.custom_vjp`), so nothing is recomputed: the FLOPs are those of
+the unfused head, and memory holds one chunk's logits instead of all of them.
+
+Under a mesh the accumulator keeps one [V, D] partial sum per batch shard ([P, V, D], P over the
+batch mesh axes), so the head gradient is reduced across devices once per step, as in the unfused
+loss, not once per chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_jax.layers import soft_cap
+from gemma_jax.sharding import constrain, shard_count
+
+
+def token_loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Float32 cross-entropy and top-1 hits summed over tokens where `mask_BT` is 1.
+
+  Returns `(loss_sum, correct_sum)`; divide by `mask_BT.sum()` for per-token means. A hit is a
+  target whose logit equals the row's maximum, so the maximum that stabilises the logsumexp also
+  scores accuracy: one pass over the [B, T, V] logits fewer than an argmax (ties count as hits).
+  """
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  mask_BT = mask_BT.astype(jnp.float32)
+  max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
+  logz_BT = max_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1))
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  loss_sum = jnp.sum((logz_BT - target_logit_BT) * mask_BT)
+  correct_sum = jnp.sum((target_logit_BT >= max_BT) * mask_BT)
+  return loss_sum, correct_sum
+
+
+def head_loss_sums(x_BTD: jax.Array, table_VD: jax.Array, targets_BT: jax.Array,
+                   mask_BT: jax.Array, *, chunk: int, cap: float | None = None,
+                   ) -> tuple[jax.Array, jax.Array]:
+  """`token_loss_sums(soft_cap(x_BTD @ table_VD.T, cap), ...)`, `chunk` tokens of T at a time.
+
+  x_BTD: final-normed hidden states (`Transformer(..., return_hidden=True)`); table_VD: the tied
+  embedding table in the compute dtype. Matmuls run in that dtype with float32 accumulation; the
+  softmax and loss are float32. T need not divide by `chunk` (the tail is padded and masked).
+  Differentiable in x_BTD, table_VD and mask_BT.
+  """
+  if chunk < 1:
+    raise ValueError(f'head_loss_sums: chunk={chunk} must be >= 1.')
+  B, T, D = x_BTD.shape
+  C = min(chunk, T)
+  pad = -T % C
+  if pad:
+    x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
+  n = (T + pad) // C
+  table_VD = constrain(table_VD, ('vocab', None))  # gathered once, before the loop
+  # [B, n*C, ...] -> [n, B, C, ...]: the scan walks n; rows keep their batch sharding.
+  chunks = lambda a: jnp.swapaxes(a.reshape(B, n, C, *a.shape[2:]), 0, 1)
+  return _fused_head_loss(cap, chunks(x_BTD), table_VD, chunks(targets_BT),
+                          chunks(mask_BT.astype(jnp.float32)))
+
+
+def _scan_chunks(cap, x_nBCD, table_VD, targets_nBC, mask_nBC, with_grads: bool):
+  """Loss and hits per token [n, B, C]; with grads also d(loss_sum)/dx [n,B,C,D] and /dW [V,D]."""
+  n, B, C, D = x_nBCD.shape
+  V = table_VD.shape[0]
+  P = shard_count('batch', B)  # one accumulator per batch shard: no reduction inside the loop
+
+  def body(dtable_PVD, xs):
+    x_BCD, targets_BC, mask_BC = xs
+    z_BCV = jnp.einsum('BCD,VD->BCV', x_BCD, table_VD, preferred_element_type=jnp.float32)
+    logits_BCV = constrain(soft_cap(z_BCV, cap), ('batch', 'length', 'vocab'))
+    max_BC = jnp.max(logits_BCV, axis=-1)
+    exp_BCV = jnp.exp(logits_BCV - max_BC[..., None])  # one exp serves the loss and its gradient
+    sum_BC = jnp.sum(exp_BCV, axis=-1)
+    target_logit_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    loss_BC = max_BC + jnp.log(sum_BC) - target_logit_BC
+    correct_BC = (target_logit_BC >= max_BC).astype(jnp.float32)
+    if not with_grads:
+      return dtable_PVD, (loss_BC, correct_BC, None)
+    hit_BCV = jnp.arange(V, dtype=targets_BC.dtype) == targets_BC[..., None]
+    d_BCV = (exp_BCV * (1.0 / sum_BC)[..., None] - hit_BCV) * mask_BC[..., None]
+    if cap is not None:  # d/dz of cap * tanh(z / cap) = 1 - tanh^2
+      d_BCV = d_BCV * (1.0 - jnp.square(logits_BCV / cap))
+    d_BCV = d_BCV.astype(x_BCD.dtype)
+    dx_BCD = jnp.einsum('BCV,VD->BCD', d_BCV, table_VD,
+                        preferred_element_type=jnp.float32).astype(x_BCD.dtype)
+    d_PbCV = d_BCV.reshape(P, B // P, C, V)
+    x_PbCD = x_BCD.reshape(P, B // P, C, D)
+    dtable_PVD += jnp.einsum('PbCV,PbCD->PVD', d_PbCV, x_PbCD,
+                             preferred_element_type=jnp.float32)
+    return constrain(dtable_PVD, ('batch', 'vocab', None)), (loss_BC, correct_BC, dx_BCD)
+
+  init = jnp.zeros((P, V, D) if with_grads else (), jnp.float32)
+  if with_grads:
+    init = constrain(init, ('batch', 'vocab', None))
+  dtable_PVD, (loss_nBC, correct_nBC, dx_nBCD) = jax.lax.scan(
+      body, init, (x_nBCD, targets_nBC, mask_nBC))
+  loss_sum = jnp.sum(loss_nBC * mask_nBC)
+  correct_sum = jnp.sum(correct_nBC * mask_nBC)
+  grads = (dx_nBCD, jnp.sum(dtable_PVD, axis=0), loss_nBC) if with_grads else None
+  return (loss_sum, correct_sum), grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_head_loss(cap, x_nBCD, table_VD, targets_nBC, mask_nBC):
+  return _scan_chunks(cap, x_nBCD, table_VD, targets_nBC, mask_nBC, with_grads=False)[0]
+
+
+def _fused_head_loss_fwd(cap, x_nBCD, table_VD, targets_nBC, mask_nBC):
+  sums, grads = _scan_chunks(cap, x_nBCD, table_VD, targets_nBC, mask_nBC, with_grads=True)
+  return sums, (grads, table_VD, targets_nBC)  # the last two only for their dtype and shape
+
+
+def _fused_head_loss_bwd(cap, residuals, cotangents):
+  del cap
+  (dx_nBCD, dtable_VD, loss_nBC), table_VD, targets_nBC = residuals
+  g = cotangents[0]  # the hit count has no gradient
+  return ((g * dx_nBCD).astype(dx_nBCD.dtype), (g * dtable_VD).astype(table_VD.dtype),
+          np.zeros(targets_nBC.shape, jax.dtypes.float0), g * loss_nBC)
+
+
+_fused_head_loss.defvjp(_fused_head_loss_fwd, _fused_head_loss_bwd)
