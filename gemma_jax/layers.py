@@ -37,6 +37,24 @@ def fan_in_normal(fan_in_axes: Sequence[int]):
   return init
 
 
+def with_lora(module: nnx.Module, name: str, y: jax.Array, x: jax.Array, eq_in: str,
+              eq_out: str) -> jax.Array:
+  """`y` plus the low-rank update `scale * (x A) B` of weight `name` when gemma_jax.lora gave
+  `module` factors for it (`{name}_lora_a`, `{name}_lora_b`); else `y` unchanged.
+
+  eq_in contracts x with A [stack..., in..., r]; eq_out the result with B [stack..., r, out...]
+  into y's layout. Computed in y's dtype, next to the frozen weight's matmul (never merged into
+  it, so a bf16 weight does not round the update away).
+  """
+  a = getattr(module, f'{name}_lora_a', None)
+  if a is None:
+    return y
+  b = getattr(module, f'{name}_lora_b')
+  xa = jnp.einsum(eq_in, x.astype(y.dtype), a[...].astype(y.dtype))
+  update = jnp.einsum(eq_out, xa, b[...].astype(y.dtype))
+  return y + update * jnp.asarray(getattr(module, f'{name}_lora_scale'), y.dtype)
+
+
 class Einsum(nnx.Module):
   """A projection weight `w`: `project` for q/kv/qkv ([..., N, D, H]), `merge_heads` for the
   attention output ([N, H, D])."""
@@ -59,19 +77,23 @@ class Einsum(nnx.Module):
     w = self.w[...].astype(self.dtype)
     B, T, D = x.shape
     if B * T > FEW_ROWS:
-      return jnp.einsum('BTD,...NDH->...BTNH', x, w)
-    lead, H = w.shape[:-2], w.shape[-1]
-    G = math.prod(lead)
-    x_GMD = jnp.broadcast_to(x.reshape(1, B * T, D), (G, B * T, D))
-    out_GMH = jnp.einsum('GMD,GDH->GMH', x_GMD, w.reshape(G, D, H))
-    return jnp.moveaxis(out_GMH.reshape(*lead, B, T, H), len(lead) - 1, -2)
+      y = jnp.einsum('BTD,...NDH->...BTNH', x, w)
+    else:
+      lead, H = w.shape[:-2], w.shape[-1]
+      G = math.prod(lead)
+      x_GMD = jnp.broadcast_to(x.reshape(1, B * T, D), (G, B * T, D))
+      out_GMH = jnp.einsum('GMD,GDH->GMH', x_GMD, w.reshape(G, D, H))
+      y = jnp.moveaxis(out_GMH.reshape(*lead, B, T, H), len(lead) - 1, -2)
+    return with_lora(self, 'w', y, x, 'BTD,...Dr->...BTr', '...BTr,...rNH->...BTNH')
 
   def merge_heads(self, x_BTNH: jax.Array) -> jax.Array:
     """einsum('BTNH,NHD->BTD') for a weight [N, H, D], as one [B*T, N*H] x [N*H, D] matmul (a
     layout XLA reads without copying the weight)."""
     B, T, N, H = x_BTNH.shape
+    x_BTNH = x_BTNH.astype(self.dtype)
     w_ND = self.w[...].astype(self.dtype).reshape(N * H, -1)
-    return (x_BTNH.astype(self.dtype).reshape(B * T, N * H) @ w_ND).reshape(B, T, -1)
+    y_BTD = (x_BTNH.reshape(B * T, N * H) @ w_ND).reshape(B, T, -1)
+    return with_lora(self, 'w', y_BTD, x_BTNH, 'BTNH,NHr->BTr', 'BTr,rD->BTD')
 
 
 class RMSNorm(nnx.Module):

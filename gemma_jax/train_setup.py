@@ -24,7 +24,10 @@ Config reference (every key; configs/*.py start from `base_config()` and overrid
   mesh.data, mesh.fsdp, mesh.tensor   device-mesh axis sizes; one may be -1 (fills)
   sharding_rules.*    logical axis -> mesh axes (gemma_jax.sharding.ShardingRules), e.g.
                       --config.sharding_rules.embed=fsdp,tensor
-  lora.rank, lora.alpha               0 = full fine-tuning (LoRA itself is not implemented yet)
+  lora.rank           0 = full fine-tuning; r > 0 = train rank-r adapters (gemma_jax.lora) on
+                      the weights lora.targets picks (a regex on names such as
+                      'layers.0.attn.q_einsum.w', 'layers.0.mlp.linear'; default all projections)
+                      with scale lora.alpha / r, the base frozen; the export merges them
   exact_match.examples, exact_match.max_new_tokens   held-out examples answered greedily and
                       scored by exact match before and after training (0 = off; JSONL data only)
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -43,6 +47,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gemma_jax import config as config_lib
+from gemma_jax import lora as lora_lib
 from gemma_jax import data as data_lib
 from gemma_jax import optim
 from gemma_jax import sharding
@@ -82,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
                      min_lr_ratio=0.1, clip_norm=1.0, grad_accum_steps=1)
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.sharding_rules = sharding.ShardingRules().to_config()
-  c.lora = dict(rank=0, alpha=16.0)
+  c.lora = dict(rank=0, alpha=16.0, targets=lora_lib.DEFAULT_TARGETS)
   c.exact_match = dict(examples=0, max_new_tokens=32)
   return c
 
@@ -139,9 +144,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.model.init={c.model.init!r}; expected one of {INITS}.')
   if c.model.init != 'none' and not c.model.init_path:
     raise ConfigError(f'config.model.init={c.model.init!r} needs config.model.init_path.')
+  if c.lora.rank < 0:
+    raise ConfigError(f'config.lora.rank={c.lora.rank} must be >= 0 (0 = full fine-tuning).')
   if c.lora.rank:
-    raise ConfigError(f'config.lora.rank={c.lora.rank}: LoRA is not implemented yet; use 0 '
-                     '(full fine-tuning).')
+    try:
+      abstract_model(model_config(c), c)  # shapes only: checks lora.targets against the model
+    except (re.error, ValueError) as e:
+      raise ConfigError(f'config.lora.targets={c.lora.targets!r}: {e}') from None
 
 
 def model_config(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:
@@ -208,10 +217,35 @@ def _model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
               remat=config.model.remat)
 
 
+def _make_model(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict) -> Transformer:
+  """A randomly initialised model of the job, with its LoRA adapters when lora.rank > 0."""
+  model = Transformer(mc, rngs=nnx.Rngs(config.seed), **_model_kwargs(config))
+  if config.lora.rank:
+    lora_lib.add_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
+                      rngs=nnx.Rngs(config.seed + 1))
+  return model
+
+
 def abstract_model(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict) -> Transformer:
   """The job's Transformer as shapes only: compute dtype, master-weight dtype and remat policy
-  come from the config whatever the source of the weights."""
-  return nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(config.seed), **_model_kwargs(config)))
+  come from the config whatever the source of the weights; LoRA adapters when configured."""
+  return nnx.eval_shape(lambda: _make_model(mc, config))
+
+
+def split_model(model: Transformer, config: ml_collections.ConfigDict):
+  """(graphdef, trained params, frozen params or None, rest): with LoRA the adapters are trained
+  and the base weights frozen; otherwise every parameter is trained."""
+  if config.lora.rank:
+    return nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, None, rest
+
+
+def describe_lora(config: ml_collections.ConfigDict, params, frozen) -> str:
+  count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+  n, base = count(params), count(frozen)
+  return (f'LoRA rank {config.lora.rank}, alpha {config.lora.alpha:g}: {n:,} trained parameters '
+          f'({100 * n / base:.2f}% of the {base:,} frozen base weights).')
 
 
 def model_and_tokenizer(config: ml_collections.ConfigDict, workdir: str, *, resume: bool):
@@ -280,6 +314,19 @@ def initial_params(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict
   return jax.device_put(nnx.state(model, nnx.Param), shardings)
 
 
+def initial_train_params(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict,
+                         shardings) -> tuple[Any, Any]:
+  """(trained params, frozen base params or None) for a fresh job, placed on the train state's
+  `shardings`. With LoRA: the base weights from model.init and fresh adapters (B = 0)."""
+  if not config.lora.rank:
+    return initial_params(mc, config, shardings['params']), None
+  base = initial_params(mc, config, shardings['frozen'])
+  # Only the adapters leave the jitted function, so XLA drops the unused random base init.
+  adapters = jax.jit(lambda: nnx.state(_make_model(mc, config), nnx.LoRAParam),
+                     out_shardings=shardings['params'])()
+  return adapters, base
+
+
 def check_vocab(tokenizer, mc: config_lib.ModelConfig, config: ml_collections.ConfigDict) -> None:
   """The tokenizer's ids must all be rows of the model's embedding."""
   if tokenizer.vocab_size > mc.vocab_size:
@@ -329,29 +376,39 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
          config: ml_collections.ConfigDict) -> None:
-  """Starts an async save of the train state, the data-iterator state and the config."""
+  """Starts an async save of the train state (without a LoRA job's frozen base weights), the
+  data-iterator state and the config."""
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
+      state=ocp.args.StandardSave(_saved(state)),
       data=ocp.args.JsonSave(data_state),
       config=ocp.args.JsonSave(config.to_dict())))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, shardings: Any):
-  """(train state placed on `shardings`, data-iterator state) saved at `step`."""
+  """(train state placed on `shardings`, data-iterator state) saved at `step` (without 'frozen':
+  a LoRA job reads its base weights from model.init again)."""
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, shardings)
+                        _saved(abstract_state), _saved(shardings))
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
   return restored['state'], restored['data']
 
 
-def export_params(graphdef, params, rest, tokenizer, workdir: str) -> str:
-  """Writes the final params-only checkpoint (+ tokenizer.model) for sample.py: WORKDIR/final."""
+def _saved(state: dict) -> dict:
+  return {k: v for k, v in state.items() if k != 'frozen'}
+
+
+def export_params(graphdef, params, rest, tokenizer, workdir: str, frozen=None) -> str:
+  """Writes the final params-only checkpoint (+ tokenizer.model) for sample.py: WORKDIR/final.
+  A LoRA model (`frozen` base weights given) is exported with its adapters merged in."""
   from gemma_jax import checkpoint  # pylint: disable=g-import-not-at-top
   out = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
   if os.path.exists(out) and jax.process_index() == 0:
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(out)
   checkpoint.sync_processes('export_params:cleared')  # nobody checks `out` before it is gone
-  checkpoint.save_params(nnx.merge(graphdef, params, rest), out, tokenizer)
+  model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]), rest)
+  if frozen is not None:
+    lora_lib.merge_lora(model)
+  checkpoint.save_params(model, out, tokenizer)
   return out

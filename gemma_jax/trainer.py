@@ -47,14 +47,15 @@ class NonFiniteLossError(RuntimeError):
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0,
                  ) -> Callable[..., Any]:
-  """`loss_fn(params, batch, num_targets) -> (loss_sum / num_targets, correct_sum)`.
+  """`loss_fn(params, batch, num_targets, frozen=None) -> (loss_sum / num_targets, correct_sum)`.
 
-  `loss_chunk` > 0 fuses the output head into the loss, that many tokens at a time
-  (gemma_jax.loss.head_loss_sums): the [B, T, V] logits are never made whole.
+  `frozen`: the base weights of a LoRA model (`params` are then its adapters; see
+  gemma_jax.lora), None otherwise. `loss_chunk` > 0 fuses the output head into the loss, that
+  many tokens at a time (gemma_jax.loss.head_loss_sums): the [B, T, V] logits are never made whole.
   """
 
-  def loss_fn(params, batch, num_targets):
-    model = nnx.merge(graphdef, params, rest)
+  def loss_fn(params, batch, num_targets, frozen=None):
+    model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]), rest)
     out, _ = model(batch['tokens'], positions=batch['positions'],
                    segment_ids=batch['segment_ids'], return_hidden=loss_chunk > 0)
     if loss_chunk > 0:
@@ -80,18 +81,18 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   `sharding.accumulate_gradients`; no row moves between devices) whose gradients are summed,
   each normalised by the whole batch's target count: the result equals the gradient of the full
   batch up to float summation order. `mesh`/`rules` shard the accumulated gradients.
-  `loss_chunk`: see `make_loss_fn`.
+  `loss_chunk`: see `make_loss_fn`. A LoRA state's `frozen` base weights pass through unchanged.
   """
   grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest, loss_chunk), has_aux=True)
   k = grad_accum_steps
 
   def train_step(state, batch):
-    params = state['params']
+    params, frozen = state['params'], state.get('frozen')
     num_targets = jnp.maximum(jnp.sum(batch['loss_mask'].astype(jnp.float32)), 1.0)
     if k == 1:
-      (loss, correct), grads = grad_fn(params, batch, num_targets)
+      (loss, correct), grads = grad_fn(params, batch, num_targets, frozen)
     else:
-      micro_grad_fn = lambda p, b: grad_fn(p, b, num_targets)
+      micro_grad_fn = lambda p, b: grad_fn(p, b, num_targets, frozen)
       (loss, correct), grads = sharding.accumulate_gradients(micro_grad_fn, params, batch, k,
                                                              mesh, rules)
     grad_norm = optax.global_norm(grads)
@@ -102,6 +103,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
         'opt_state': opt_state,
         'rng': jax.random.fold_in(state['rng'], state['step']),
     }
+    if frozen is not None:
+      new_state['frozen'] = frozen
     metrics = {
         'loss': loss,
         'accuracy': correct / num_targets,
@@ -116,25 +119,31 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0,
                    ) -> Callable[..., dict[str, jax.Array]]:
-  """`eval_step(params, batch) -> {'loss_sum', 'correct_sum', 'count'}` (sum over batches)."""
+  """`eval_step(params, batch, frozen=None) -> {'loss_sum', 'correct_sum', 'count'}` (sum over
+  batches)."""
   loss_fn = make_loss_fn(graphdef, rest, loss_chunk)
 
-  def eval_step(params, batch):
-    loss_sum, correct_sum = loss_fn(params, batch, 1.0)
+  def eval_step(params, batch, frozen=None):
+    loss_sum, correct_sum = loss_fn(params, batch, 1.0, frozen)
     return {'loss_sum': loss_sum, 'correct_sum': correct_sum,
             'count': jnp.sum(batch['loss_mask'].astype(jnp.float32))}
 
   return eval_step
 
 
-def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> State:
-  """A fresh train state at step 0 around `params`."""
-  return {
+def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int,
+               frozen: nnx.State | None = None) -> State:
+  """A fresh train state at step 0 around `params` (the trained ones); `frozen`: a LoRA model's
+  base weights, carried in the state but neither optimised nor checkpointed."""
+  state = {
       'step': jnp.zeros((), jnp.int32),
       'params': params,
       'opt_state': tx.init(params),
       'rng': jax.random.PRNGKey(seed),
   }
+  if frozen is not None:
+    state['frozen'] = frozen
+  return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,11 +183,11 @@ def _check_finite(step: int, metrics: Mapping[str, float], manager) -> None:
 
 
 def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh,
-             rules: sharding.ShardingRules) -> dict[str, float]:
+             rules: sharding.ShardingRules, frozen: nnx.State | None = None) -> dict[str, float]:
   """Mean held-out loss and token accuracy over the target tokens of `batches`."""
   totals = None
   for batch in batches:
-    out = eval_step(params, sharding.put_batch(batch, mesh, rules))
+    out = eval_step(params, sharding.put_batch(batch, mesh, rules), frozen)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
     return {}
@@ -209,9 +218,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   resume_step = manager.latest_step()
 
   mc, tokenizer = train_setup.model_and_tokenizer(config, workdir, resume=resume_step is not None)
-  graphdef, abs_params, rest = nnx.split(train_setup.abstract_model(mc, config), nnx.Param, ...)
+  graphdef, abs_params, abs_frozen, rest = train_setup.split_model(
+      train_setup.abstract_model(mc, config), config)
   tx, schedule = optim.make_optimizer(config)
-  abstract_state = jax.eval_shape(lambda p: init_state(p, tx, config.seed), abs_params)
+  abstract_state = jax.eval_shape(lambda p, f: init_state(p, tx, config.seed, f), abs_params,
+                                  abs_frozen)
   s_shard = state_shardings(mesh, abstract_state, rules)
   train_iter = iter(train_setup.make_dataset(config, tokenizer, split='train'))
   held_out = train_setup.exact_match_examples(config)
@@ -222,13 +233,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   with sharding.use_mesh(mesh, rules):
     if resume_step is None:
-      params = train_setup.initial_params(mc, config, s_shard['params'])
-      state = jax.jit(lambda p: init_state(p, tx, config.seed), out_shardings=s_shard)(params)
+      params, frozen = train_setup.initial_train_params(mc, config, s_shard)
+      state = jax.jit(lambda p, f: init_state(p, tx, config.seed, f), out_shardings=s_shard)(
+          params, frozen)
+      del params, frozen  # the state holds them now
       _say(f'Starting at step 0 of {config.steps} in {workdir}.')
     else:
       state, data_state = train_setup.restore(manager, resume_step, abstract_state, s_shard)
+      if abs_frozen is not None:  # a LoRA job's base weights are read again, not checkpointed
+        state['frozen'] = train_setup.initial_params(mc, config, s_shard['frozen'])
       train_iter.set_state(data_state)
       _say(f'Resuming from the checkpoint at step {resume_step} in {workdir}.')
+    if abs_frozen is not None:
+      _say(train_setup.describe_lora(config, abs_params, abs_frozen))
 
     step_fn = jit_train_step(
         make_train_step(graphdef, rest, tx, schedule, mesh=mesh, rules=rules,
@@ -244,13 +261,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def run_eval(step: int) -> dict[str, float]:
       batches = iter(train_setup.make_dataset(config, tokenizer, split='eval'))
       result = evaluate(eval_fn, state['params'], itertools.islice(batches, config.eval_batches),
-                        mesh, rules)
+                        mesh, rules, state.get('frozen'))
       if result:
         _say(writer.log_eval(step, result))
       return result
 
     def run_exact_match(step: int, label: str) -> float:
-      model = nnx.merge(graphdef, state['params'], rest)
+      model = nnx.merge(graphdef, state['params'],
+                        *([state['frozen']] if 'frozen' in state else []), rest)
       result = metrics_lib.exact_match_eval(model, tokenizer, held_out,
                                             config.exact_match.max_new_tokens)
       writer.log_eval(step, {'exact_match': result['exact_match']})
@@ -302,7 +320,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.close()
     if sharding.is_main_process():
       metrics_lib.plot_loss_curve(workdir)
-    export_dir = train_setup.export_params(graphdef, state['params'], rest, tokenizer, workdir)
+    export_dir = train_setup.export_params(graphdef, state['params'], rest, tokenizer, workdir,
+                                           frozen=state.get('frozen'))
   manager.close()
   _say(f'Done: final params for sample.py in {export_dir}')
   return {'train': last, 'eval': last_eval, 'export_dir': export_dir}

@@ -11,7 +11,7 @@ from flax import nnx
 
 from gemma_jax.attention import Attention, init_layer_cache
 from gemma_jax.config import ModelConfig
-from gemma_jax.layers import FEW_ROWS, RMSNorm, fan_in_normal, param, soft_cap
+from gemma_jax.layers import FEW_ROWS, RMSNorm, fan_in_normal, param, soft_cap, with_lora
 from gemma_jax.sharding import constrain
 
 Cache = dict[str, Any]  # {'end_index': int32 scalar, 'layers': [layer cache, ...]}
@@ -68,8 +68,12 @@ class FeedForward(nnx.Module):
     else:
       gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[0])
       up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[1])
+    if hasattr(self, 'gating_einsum_lora_a'):  # LoRA factors (gemma_jax.lora), one per half
+      gate_BTF, up_BTF = with_lora(self, 'gating_einsum', jnp.stack([gate_BTF, up_BTF]), x_BTD,
+                                   'BTD,CDr->CBTr', 'CBTr,CrF->CBTF')
     act_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
-    return jnp.einsum('BTF,FD->BTD', act_BTF, self.linear[...].astype(self.dtype))
+    y_BTD = jnp.einsum('BTF,FD->BTD', act_BTF, self.linear[...].astype(self.dtype))
+    return with_lora(self, 'linear', y_BTD, act_BTF, 'BTF,Fr->BTr', 'BTr,rD->BTD')
 
 
 class Block(nnx.Module):

@@ -8,6 +8,8 @@ has fewer devices, and imports its tests directly when it has enough. The helper
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -403,3 +405,37 @@ def test_fused_head_loss_on_meshes_equals_single_device_and_reduces_once():
   finally:
     loss_lib.shard_count = original
   assert 'all-reduce' in _while_bodies(hlo)[0]
+
+
+def test_lora_train_steps_on_a_mesh_equal_single_device():
+  """LoRA (gemma_jax.lora): adapters trained, base frozen, through the trainer's own jitted step
+  with its shardings on (2,2,2) and (1,2,4): same losses and adapters as one device."""
+  from gemma_jax import lora, trainer
+  model = make_model()
+  lora.add_lora(model, rank=2, alpha=4.0)
+  graphdef, params, frozen, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+  tx = optax.adamw(1e-2)
+  step = trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-2), loss_chunk=8)
+  batches = [make_batch(i) for i in range(2)]
+
+  def run(mesh):
+    state = trainer.init_state(params, tx, 0, frozen)
+    abstract = jax.eval_shape(lambda: state)
+    if mesh is None:
+      fn = jax.jit(step)
+    else:
+      fn = trainer.jit_train_step(step, mesh, abstract)
+      state = jax.device_put(state, trainer.state_shardings(mesh, abstract))
+    losses = []
+    with sh.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      for b in batches:
+        state, metrics = fn(state, b if mesh is None else sh.put_batch(b, mesh))
+        losses.append(float(metrics['loss']))
+    return losses, state
+
+  want_losses, want = run(None)
+  for shape in [(2, 2, 2), (1, 2, 4)]:
+    losses, got = run(sh.make_mesh(dict(zip(sh.MESH_AXES, shape))))
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    assert_trees_close(got['params'], want['params'], rtol=1e-5)
+    assert_trees_close(got['frozen'], frozen, rtol=0)

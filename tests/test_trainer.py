@@ -314,9 +314,6 @@ def test_unknown_and_bad_config_keys(tmp_path):
   c = small_config(tmp_path, **{'optimizer.grad_accum_steps': 3})
   with pytest.raises(train_setup.ConfigError, match='not a multiple'):
     train_setup.validate_config(c)
-  c = small_config(tmp_path, **{'lora.rank': 8})
-  with pytest.raises(train_setup.ConfigError, match='LoRA'):
-    train_setup.validate_config(c)
   c = small_config(tmp_path, loss_chunk=-1)
   with pytest.raises(train_setup.ConfigError, match=r'config\.loss_chunk=-1'):
     train_setup.validate_config(c)
@@ -406,8 +403,8 @@ def test_initial_weights_from_a_native_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize('name', ['quickstart', 'gemma3_270m_sft', 'gemma1_2b_sft',
-                                  'gemma1_7b_sft'])
+@pytest.mark.parametrize('name', ['quickstart', 'gemma3_270m_sft', 'gemma3_270m_lora',
+                                  'gemma1_2b_sft', 'gemma1_7b_sft'])
 def test_shipped_configs_are_valid(name):
   import importlib.util
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
