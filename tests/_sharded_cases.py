@@ -409,16 +409,18 @@ def test_fused_head_loss_on_meshes_equals_single_device_and_reduces_once():
 
 def test_lora_train_steps_on_a_mesh_equal_single_device():
   """LoRA (gemma_jax.lora): adapters trained, base frozen, through the trainer's own jitted step
-  with its shardings on (2,2,2) and (1,2,4): same losses and adapters as one device."""
+  with its shardings on (2,2,2) and (1,2,4), with 2 micro-batches and the head-fused loss: the
+  same losses and adapters as one device."""
   from gemma_jax import lora, trainer
   model = make_model()
   lora.add_lora(model, rank=2, alpha=4.0)
   graphdef, params, frozen, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
   tx = optax.adamw(1e-2)
-  step = trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-2), loss_chunk=8)
   batches = [make_batch(i) for i in range(2)]
 
   def run(mesh):
+    step = trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-2),
+                                   grad_accum_steps=2, loss_chunk=8, mesh=mesh)
     state = trainer.init_state(params, tx, 0, frozen)
     abstract = jax.eval_shape(lambda: state)
     if mesh is None:
