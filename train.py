@@ -15,7 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from gemma_jax import sharding
+from gemma_jax import distributed
 from gemma_jax import train_setup
 from gemma_jax import trainer
 
@@ -61,7 +61,7 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  sharding.maybe_initialize_distributed()  # multi-host runs: before any other JAX call
+  distributed.maybe_initialize_distributed()  # multi-host runs: before any other JAX call
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   try:

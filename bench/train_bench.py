@@ -58,7 +58,7 @@ def run_ours(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from gemma_jax import optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from gemma_jax import distributed, optim, sharding, trainer  # pylint: disable=g-import-not-at-top
   from gemma_jax.config import get_preset  # pylint: disable=g-import-not-at-top
   from gemma_jax.transformer import Transformer  # pylint: disable=g-import-not-at-top
 
@@ -81,7 +81,7 @@ def run_ours(args) -> dict:
     step = trainer.jit_train_step(
         trainer.make_train_step(graphdef, rest, tx, schedule, loss_chunk=args.loss_chunk),
         mesh, abstract)
-    batch = sharding.put_batch(_batch(mc.vocab_size, args.batch, args.seq), mesh)
+    batch = distributed.put_batch(_batch(mc.vocab_size, args.batch, args.seq), mesh)
     times = []
     for i in range(args.warmup + args.steps):
       t = time.perf_counter()

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gemma_jax.config import ModelConfig
+from gemma_jax.distributed import sync_processes
 from gemma_jax.transformer import Transformer, param_name
 
 CONFIG_FILE = 'config.json'
@@ -53,13 +54,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       flat[name] = value
   return flat
-
-
-def sync_processes(name: str) -> None:
-  """A barrier across all JAX processes (nothing to wait for with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def save_params(model: Transformer, directory: str | os.PathLike, tokenizer: Any = None) -> None:

@@ -47,8 +47,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gemma_jax import config as config_lib
-from gemma_jax import lora as lora_lib
 from gemma_jax import data as data_lib
+from gemma_jax import distributed
+from gemma_jax import lora as lora_lib
 from gemma_jax import optim
 from gemma_jax import sharding
 from gemma_jax.transformer import REMAT_POLICIES, Transformer, flat_params, model_from_params
@@ -274,7 +275,7 @@ def model_and_tokenizer(config: ml_collections.ConfigDict, workdir: str, *, resu
             f'{config.model.preset!r} is not used.', flush=True)
   tokenizer = _open_tokenizer(tok_source)
   check_vocab(tokenizer, mc, config)
-  if sharding.is_main_process():
+  if distributed.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     tokenizer.save(tok_path)
     with open(mc_path, 'w') as f:
@@ -406,7 +407,7 @@ def export_params(graphdef, params, rest, tokenizer, workdir: str, frozen=None) 
   if os.path.exists(out) and jax.process_index() == 0:
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(out)
-  checkpoint.sync_processes('export_params:cleared')  # nobody checks `out` before it is gone
+  distributed.sync_processes('export_params:cleared')  # nobody checks `out` before it is gone
   model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]), rest)
   if frozen is not None:
     lora_lib.merge_lora(model)

@@ -4,7 +4,7 @@ The train state is a plain dict pytree, `{'step', 'params', 'opt_state', 'rng'}`
 model's `nnx.State` of `nnx.Param`s (float32 master weights), `opt_state` optax's state over it.
 `train_step(state, batch) -> (state, metrics)` is one pure function, jitted once with explicit
 shardings (from gemma_jax.sharding's rules table) and the state donated; gradient accumulation
-happens inside it (`sharding.accumulate_gradients`, a `lax.scan` over micro-batches), so k
+happens inside it (`distributed.accumulate_gradients`, a `lax.scan` over micro-batches), so k
 micro-batches are one k-times larger batch.
 
 `train(config, workdir)` runs the whole job; gemma_jax/train_setup.py lists every config key.
@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gemma_jax import distributed
 from gemma_jax import metrics as metrics_lib
 from gemma_jax.loss import head_loss_sums, token_loss_sums
 from gemma_jax import optim
@@ -78,7 +79,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
 
   The loss is the mean cross-entropy over all target tokens of the batch (`loss_mask` == 1). With
   `grad_accum_steps` = k the batch's rows are split into k micro-batches (see
-  `sharding.accumulate_gradients`; no row moves between devices) whose gradients are summed,
+  `distributed.accumulate_gradients`; no row moves between devices) whose gradients are summed,
   each normalised by the whole batch's target count: the result equals the gradient of the full
   batch up to float summation order. `mesh`/`rules` shard the accumulated gradients.
   `loss_chunk`: see `make_loss_fn`. A LoRA state's `frozen` base weights pass through unchanged.
@@ -93,7 +94,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
       (loss, correct), grads = grad_fn(params, batch, num_targets, frozen)
     else:
       micro_grad_fn = lambda p, b: grad_fn(p, b, num_targets, frozen)
-      (loss, correct), grads = sharding.accumulate_gradients(micro_grad_fn, params, batch, k,
+      (loss, correct), grads = distributed.accumulate_gradients(micro_grad_fn, params, batch, k,
                                                              mesh, rules)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
@@ -163,7 +164,7 @@ def jit_train_step(train_step, mesh: Mesh, abstract_state: State,
   `sharding.use_mesh(mesh, rules)` so the model's activation constraints apply)."""
   s_shard = state_shardings(mesh, abstract_state, rules)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(train_step, in_shardings=(s_shard, sharding.batch_sharding(mesh, rules)),
+  return jax.jit(train_step, in_shardings=(s_shard, distributed.batch_sharding(mesh, rules)),
                  out_shardings=(s_shard, replicated), donate_argnums=0)
 
 
@@ -187,7 +188,7 @@ def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]], mes
   """Mean held-out loss and token accuracy over the target tokens of `batches`."""
   totals = None
   for batch in batches:
-    out = eval_step(params, sharding.put_batch(batch, mesh, rules), frozen)
+    out = eval_step(params, distributed.put_batch(batch, mesh, rules), frozen)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
     return {}
@@ -198,7 +199,7 @@ def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]], mes
 
 def _say(text: str) -> None:
   """Progress output, from the main process only."""
-  if sharding.is_main_process():
+  if distributed.is_main_process():
     print(text, flush=True)
 
 
@@ -256,7 +257,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = int(jax.device_get(state['step']))
     writer = metrics_lib.MetricsWriter(workdir, config.steps, start,
                                        tokens_per_step=config.batch_size * config.seq_len,
-                                       enabled=sharding.is_main_process())
+                                       enabled=distributed.is_main_process())
 
     def run_eval(step: int) -> dict[str, float]:
       batches = iter(train_setup.make_dataset(config, tokenizer, split='eval'))
@@ -286,7 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     try:
       for step in range(start + 1, config.steps + 1):
-        state, step_metrics = step_fn(state, sharding.put_batch(next(train_iter), mesh, rules))
+        state, step_metrics = step_fn(state, distributed.put_batch(next(train_iter), mesh, rules))
         if step == start + 1:
           jax.block_until_ready(step_metrics)
           _say(f'First step compiled and ran in {time.time() - t0:.1f}s.')
@@ -318,7 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       last_eval['exact_match_before'], last_eval['exact_match'] = before, after
       _say(f'Exact match before -> after training: {100 * before:.1f}% -> {100 * after:.1f}%')
     writer.close()
-    if sharding.is_main_process():
+    if distributed.is_main_process():
       metrics_lib.plot_loss_curve(workdir)
     export_dir = train_setup.export_params(graphdef, state['params'], rest, tokenizer, workdir,
                                            frozen=state.get('frozen'))

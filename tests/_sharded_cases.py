@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gemma_jax import distributed as dist
 from gemma_jax import sharding as sh
 from gemma_jax.config import get_preset
 from gemma_jax.transformer import Transformer
@@ -88,11 +89,11 @@ def run_training(mesh=None, steps: int = 2, batches=None):
   else:
     state_sh = sh.param_shardings(state, mesh)
     state = jax.device_put(state, state_sh)
-    step = jax.jit(step, in_shardings=(state_sh, sh.batch_sharding(mesh)),
+    step = jax.jit(step, in_shardings=(state_sh, dist.batch_sharding(mesh)),
                    out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
     with sh.use_mesh(mesh):
       for b in batches:
-        state, loss = step(state, sh.put_batch(process_rows(b), mesh))
+        state, loss = step(state, dist.put_batch(process_rows(b), mesh))
         losses.append(float(loss))
   return losses, state['params']
 
@@ -129,8 +130,8 @@ def greedy_decode(model, prompt_BT, mesh=None, steps: int = 6, cache_length: int
     out, logits, _ = jax.jit(decode)(params, prompt_BT, cache)
     return np.asarray(out), np.asarray(logits)
   p_sh, c_sh = sh.param_shardings(params, mesh), sh.cache_shardings(cache, mesh)
-  b_sh = sh.batch_sharding(mesh)
-  l_sh = sh.batch_sharding(mesh, ndim=3)
+  b_sh = dist.batch_sharding(mesh)
+  l_sh = dist.batch_sharding(mesh, ndim=3)
   params, cache = jax.device_put(params, p_sh), jax.device_put(cache, c_sh)
   with sh.use_mesh(mesh):
     out, logits, cache = jax.jit(decode, in_shardings=(p_sh, b_sh, c_sh),
@@ -239,14 +240,14 @@ def test_make_mesh_on_8_devices():
 def test_put_batch_places_rows_and_rejects_indivisible_batches():
   mesh = sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   batch = make_batch()
-  placed = sh.put_batch(batch, mesh)
+  placed = dist.put_batch(batch, mesh)
   assert placed['tokens'].sharding.spec == P(('data', 'fsdp'), None)
   np.testing.assert_array_equal(placed['tokens'], batch['tokens'])
   assert placed['tokens'].addressable_shards[0].data.shape == (2, LENGTH)
   bad = {k: v[:6] for k, v in batch.items()}
   with pytest.raises(ValueError, match=r"batch\['tokens'\] has size 6 .* 4 shards of mesh axes "
                                        r"\('data', 'fsdp'\)"):
-    sh.put_batch(bad, mesh)
+    dist.put_batch(bad, mesh)
 
 
 def test_constrain_applies_under_use_mesh_only():
@@ -324,10 +325,10 @@ def test_accumulated_gradients_equal_full_batch_and_all_reduce_once():
   for shape in [(8, 1, 1), (2, 2, 2)]:
     mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
     p_sh = sh.param_shardings(params, mesh)
-    step = jax.jit(lambda p, b: sh.accumulate_gradients(grad_fn, p, b, 2, mesh),
-                   in_shardings=(p_sh, sh.batch_sharding(mesh)), out_shardings=(None, p_sh))
+    step = jax.jit(lambda p, b: dist.accumulate_gradients(grad_fn, p, b, 2, mesh),
+                   in_shardings=(p_sh, dist.batch_sharding(mesh)), out_shardings=(None, p_sh))
     with sh.use_mesh(mesh):
-      args = (jax.device_put(params, p_sh), sh.put_batch(batch, mesh))
+      args = (jax.device_put(params, p_sh), dist.put_batch(batch, mesh))
       loss, grads = step(*args)
       hlo = step.lower(*args).compile().as_text()
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
@@ -346,8 +347,8 @@ def test_accumulated_gradients_equal_full_batch_and_all_reduce_once():
                         zeros, micro)[0]
 
   p_sh = sh.param_shardings(params, mesh)
-  hlo = jax.jit(naive, in_shardings=(p_sh, sh.batch_sharding(mesh)), out_shardings=p_sh).lower(
-      jax.device_put(params, p_sh), sh.put_batch(batch, mesh)).compile().as_text()
+  hlo = jax.jit(naive, in_shardings=(p_sh, dist.batch_sharding(mesh)), out_shardings=p_sh).lower(
+      jax.device_put(params, p_sh), dist.put_batch(batch, mesh)).compile().as_text()
   assert 'all-reduce' in _while_bodies(hlo)[0]
 
 
@@ -382,9 +383,9 @@ def test_fused_head_loss_on_meshes_equals_single_device_and_reduces_once():
   def compiled(mesh):
     p_sh = sh.param_shardings(params, mesh)
     step = jax.jit(lambda p, b: grad_fn(4)(p, b, 10.0),
-                   in_shardings=(p_sh, sh.batch_sharding(mesh)), out_shardings=(None, p_sh))
+                   in_shardings=(p_sh, dist.batch_sharding(mesh)), out_shardings=(None, p_sh))
     with sh.use_mesh(mesh):
-      args = (jax.device_put(params, p_sh), sh.put_batch(batch, mesh))
+      args = (jax.device_put(params, p_sh), dist.put_batch(batch, mesh))
       return step(*args), step.lower(*args).compile().as_text()
 
   for shape in [(8, 1, 1), (2, 2, 2), (1, 2, 4)]:
@@ -431,7 +432,7 @@ def test_lora_train_steps_on_a_mesh_equal_single_device():
     losses = []
     with sh.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       for b in batches:
-        state, metrics = fn(state, b if mesh is None else sh.put_batch(b, mesh))
+        state, metrics = fn(state, b if mesh is None else dist.put_batch(b, mesh))
         losses.append(float(metrics['loss']))
     return losses, state
 

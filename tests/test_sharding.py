@@ -13,8 +13,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -167,44 +165,12 @@ def test_gemma1_7b_params_and_adamw_state_split_evenly_over_fsdp():
 
 
 # ---------------------------------------------------------------------------------------------
-# Activations and processes.
+# Activations.
 
 
 def test_constrain_is_a_no_op_without_a_mesh():
   x = jax.numpy.ones((2, 3, 4))
   assert sh.constrain(x, ('batch', 'length', 'embed')) is x
-
-
-def test_maybe_initialize_distributed_reads_the_environment(monkeypatch):
-  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_NTASKS',
-            'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES', 'GEMMA_JAX_DISTRIBUTED'):
-    monkeypatch.delenv(k, raising=False)
-  assert sh.maybe_initialize_distributed() is False  # plain single-process run
-  assert sh.is_main_process()
-  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'localhost:1234')
-  with pytest.raises(ValueError, match=r"\['JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'\] missing"):
-    sh.maybe_initialize_distributed()
-  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
-  monkeypatch.setenv('JAX_PROCESS_ID', '2')
-  with pytest.raises(ValueError, match=r'JAX_PROCESS_ID=2 is not in \[0, 2\)'):
-    sh.maybe_initialize_distributed()
-  monkeypatch.setenv('GEMMA_JAX_DISTRIBUTED', '0')
-  assert sh.maybe_initialize_distributed() is False
-
-
-def test_accumulate_gradients_without_a_mesh_equals_the_full_batch():
-  params = {'w': jax.random.normal(jax.random.key(0), (3, 5))}
-  batch = {'x': jax.random.normal(jax.random.key(1), (8, 3)), 'y': jnp.arange(8.0)[:, None]}
-
-  def grad_fn(p, b):  # loss normalised by the whole batch's 8 rows, as the trainer does
-    return jax.value_and_grad(lambda p: jnp.sum((b['x'] @ p['w'] - b['y']) ** 2) / 8)(p)
-
-  want_loss, want = grad_fn(params, batch)
-  loss, grads = jax.jit(lambda p, b: sh.accumulate_gradients(grad_fn, p, b, 4))(params, batch)
-  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-  np.testing.assert_allclose(grads['w'], want['w'], rtol=1e-5)
-  with pytest.raises(ValueError, match=r'batch of 8 rows does not split into 3 micro-batches'):
-    sh.accumulate_gradients(grad_fn, params, batch, 3)
 
 
 def test_rules_round_trip_through_config_strings():
