@@ -1,4 +1,5 @@
-"""KV-cached sampling: batched prefill, one compiled decode loop, sampling rules, chat sessions.
+"""KV-cached sampling: batched prefill, one compiled decode loop, chat sessions (the sampling
+rules, `SamplingParams`, are gemma_jax/sampling.py and importable from here too).
 
 How a call runs. Prompts are tokenized (BOS once), left-padded to a length bucket (segment id 0 on
 the padding, true positions on the real tokens) and all but each row's last token are written to
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_jax.sampling import GREEDY, SamplingParams, sample_logits
+
 _MIN_BUCKET = 16  # shortest prefill / output-buffer bucket (powers of two above it)
 _STOP_STRING_CHUNK = 16  # decode steps between host-side stop-string checks
 _STOP_IDS_PAD = 8  # stop-id arrays are padded (with -1) to a multiple of this, bounding recompiles
@@ -34,57 +37,6 @@ _STOP_IDS_PAD = 8  # stop-id arrays are padded (with -1) to a multiple of this, 
 
 def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """How the next token is drawn from the logits, in this order: temperature, top-k, top-p.
-
-  temperature: logits are divided by it; 0 means greedy (argmax; top_k/top_p then do nothing).
-  top_k: keep the k most likely tokens (0: all).
-  top_p: then keep the smallest most-likely set whose probability reaches top_p (1.0: all).
-  The draw is reproducible for a seed: row i of a call uses the key fold_in(key(seed), i).
-  """
-
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-
-  def __post_init__(self):
-    if not self.temperature >= 0:  # also rejects NaN
-      raise ValueError(f'SamplingParams: temperature must be >= 0, got {self.temperature}.')
-    if not _is_int(self.top_k) or self.top_k < 0:
-      raise ValueError(f'SamplingParams: top_k must be an integer >= 0, got {self.top_k!r}.')
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f'SamplingParams: top_p must be in (0, 1], got {self.top_p}.')
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0
-
-
-GREEDY = SamplingParams(temperature=0.0)
-
-
-def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, sampling: SamplingParams) -> jax.Array:
-  """Draws one token id per row from float32 logits [B, V] with one PRNG key per row.
-
-  top_k uses `lax.top_k`; top_p without top_k sorts the whole vocabulary every step.
-  """
-  if sampling.greedy:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
-  V = logits_BV.shape[-1]
-  k = min(sampling.top_k, V) if sampling.top_k else (V if sampling.top_p < 1 else 0)
-  if k == 0:
-    return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
-  vals_BK, idx_BK = jax.lax.top_k(logits_BV, k)  # sorted, most likely first
-  if sampling.top_p < 1:
-    probs_BK = jax.nn.softmax(vals_BK, axis=-1)
-    mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
-    vals_BK = jnp.where(mass_before_BK < sampling.top_p, vals_BK, -jnp.inf)
-  choice_B = jax.vmap(jax.random.categorical)(keys_B, vals_BK)
-  return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('cache',))

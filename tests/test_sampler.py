@@ -12,9 +12,10 @@ from flax import nnx
 from gemma_jax import sampler as sampler_lib
 from gemma_jax.config import get_preset
 from gemma_jax.convert import load_hf
-from gemma_jax.sampler import GREEDY, Sampler, SamplingParams, sample_logits
+from gemma_jax.sampler import GREEDY, Sampler, SamplingParams
 from gemma_jax.transformer import Transformer
 from hf_models import FAMILIES, NORM_STD
+from test_sampling import renormalised
 
 # Prompts of different lengths (token ids); the longest is longer than the window (8).
 PROMPTS = [[2, 17, 33, 91, 5], [2, 8], [2] + list(range(40, 60)), [2, 77, 78, 79, 80, 81, 82, 83, 84]]
@@ -95,38 +96,6 @@ def test_top_k_1_equals_greedy(tiny_models):
     assert [c.tokens for c in top1] == greedy
 
 
-def _renormalised(logits, sampling):
-  """Reference distribution: softmax(logits / T), keep top-k, then the top-p nucleus."""
-  p = np.exp((logits - logits.max()) / sampling.temperature)
-  p /= p.sum()
-  order = np.argsort(-p, kind='stable')
-  keep = np.zeros_like(p, bool)
-  k = sampling.top_k or len(p)
-  kept = p[order[:k]] / p[order[:k]].sum()
-  before = np.cumsum(kept) - kept
-  keep[order[:k][before < sampling.top_p]] = True
-  q = np.where(keep, p, 0)
-  return q / q.sum()
-
-
-RULES = [SamplingParams(temperature=1.0, top_k=4), SamplingParams(temperature=1.0, top_p=0.7),
-         SamplingParams(temperature=0.7, top_k=6, top_p=0.8), SamplingParams(temperature=2.0)]
-
-
-@pytest.mark.parametrize('sampling', RULES, ids=str)
-def test_sampling_frequencies_match_distribution(sampling):
-  """20k draws with distinct keys (fixed seed): every frequency within 0.015 of the renormalised
-  probability (> 5 standard deviations for n = 20k) and none outside the kept set."""
-  logits = np.array([2.0, 1.5, 1.2, 1.0, 0.6, 0.5, 0.1, -0.3, -1.0, -2.0, 0.9, 1.4], np.float32)
-  n = 20_000
-  keys = jax.random.split(jax.random.key(0), n)
-  draws = sample_logits(jnp.broadcast_to(logits, (n, len(logits))), keys, sampling)
-  freq = np.bincount(np.asarray(draws), minlength=len(logits)) / n
-  ref = _renormalised(logits, sampling)
-  assert np.all(freq[ref == 0] == 0)
-  np.testing.assert_allclose(freq, ref, atol=0.015)
-
-
 def test_sampler_first_token_frequencies(tiny_models):
   """Through the Sampler: 4096 rows of one prompt (row keys differ) match top-k/top-p."""
   model = tiny_models['tiny-gemma2']
@@ -136,7 +105,7 @@ def test_sampler_first_token_frequencies(tiny_models):
   rule = SamplingParams(temperature=float(top[0] - top[4]) / 2, top_k=5, top_p=0.9)
   out = Sampler(model, cache_length=32).sample([PROMPTS[0]] * 4096, 1, sampling=rule, seed=3)
   draws = np.array([c.tokens[0] for c in out])
-  ref = _renormalised(logits, rule)
+  ref = renormalised(logits, rule)
   freq = np.bincount(draws, minlength=len(ref)) / len(draws)
   assert np.all(freq[ref == 0] == 0) and np.count_nonzero(ref) >= 3
   np.testing.assert_allclose(freq, ref, atol=0.03)
@@ -223,14 +192,6 @@ def test_errors(tiny_models):
     s.sample([[2, 3]], 0)
   with pytest.raises(ValueError, match='no tokenizer'):
     s.sample(['text'], 4)
-  with pytest.raises(ValueError, match='top_p must be in'):
-    SamplingParams(top_p=0.0)
-  with pytest.raises(ValueError, match='top_p must be in'):
-    SamplingParams(top_p=1.5)
-  with pytest.raises(ValueError, match='temperature must be >= 0'):
-    SamplingParams(temperature=-1.0)
-  with pytest.raises(ValueError, match='top_k must be an integer'):
-    SamplingParams(top_k=-2)
 
 
 # The real Gemma 3 270M (GGUF), against transformers loading the same file.
