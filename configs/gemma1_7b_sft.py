@@ -3,11 +3,7 @@
   python train.py --config=configs/gemma1_7b_sft.py --workdir=/ckpt/g7b \\
       --config.model.init=official --config.model.init_path=/data/gemma-7b   # or init=hf
 
-Initial weights: 'official' (a Kaggle/gm Orbax checkpoint directory; give the tokenizer with
---config.model.tokenizer=/data/tokenizer.model), 'hf' (a save_pretrained directory) or 'native'.
-Without init_path it starts from random weights only if you set --config.model.init=none and
---config.model.tokenizer. Data: the shipped letter-reversal set packed into 2048-token rows; point
-data.path/eval_path at your own JSONL, or use data.source=tfds with data.name/data.data_dir.
+Initial weights, tokenizer and data: as in configs/gemma1_2b_sft.py, which this config builds on.
 Memory: float32 master weights + AdamW = 16 bytes/parameter (8.5B: ~137 GB) sharded over the
 mesh, so it needs several accelerators (e.g. 8 x 80 GB: fsdp 4 x tensor 2); remat='full' keeps
 only block inputs; 2 micro-batches per step; loss_chunk=512 fuses the output head into the loss

@@ -34,14 +34,20 @@ def token_loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.A
   target whose logit equals the row's maximum, so the maximum that stabilises the logsumexp also
   scores accuracy: one pass over the [B, T, V] logits fewer than an argmax (ties count as hits).
   """
-  logits_BTV = logits_BTV.astype(jnp.float32)
+  loss_BT, correct_BT, _, _ = _token_stats(logits_BTV.astype(jnp.float32), targets_BT)
   mask_BT = mask_BT.astype(jnp.float32)
+  return jnp.sum(loss_BT * mask_BT), jnp.sum(correct_BT * mask_BT)
+
+
+def _token_stats(logits_BTV, targets_BT):
+  """Per-token cross-entropy and hit (1.0 / 0.0) of float32 logits, with exp(logits - max) and
+  its row sums, from which the gradient in the logits is exp / sum - one_hot(target)."""
   max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
-  logz_BT = max_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1))
+  exp_BTV = jnp.exp(logits_BTV - max_BT[..., None])
+  sum_BT = jnp.sum(exp_BTV, axis=-1)
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  loss_sum = jnp.sum((logz_BT - target_logit_BT) * mask_BT)
-  correct_sum = jnp.sum((target_logit_BT >= max_BT) * mask_BT)
-  return loss_sum, correct_sum
+  loss_BT = max_BT + jnp.log(sum_BT) - target_logit_BT
+  return loss_BT, (target_logit_BT >= max_BT).astype(jnp.float32), exp_BTV, sum_BT
 
 
 def head_loss_sums(x_BTD: jax.Array, table_VD: jax.Array, targets_BT: jax.Array,
@@ -81,12 +87,8 @@ def _scan_chunks(cap, x_nBCD, table_VD, targets_nBC, mask_nBC, with_grads: bool)
     x_BCD, targets_BC, mask_BC = xs
     z_BCV = jnp.einsum('BCD,VD->BCV', x_BCD, table_VD, preferred_element_type=jnp.float32)
     logits_BCV = constrain(soft_cap(z_BCV, cap), ('batch', 'length', 'vocab'))
-    max_BC = jnp.max(logits_BCV, axis=-1)
-    exp_BCV = jnp.exp(logits_BCV - max_BC[..., None])  # one exp serves the loss and its gradient
-    sum_BC = jnp.sum(exp_BCV, axis=-1)
-    target_logit_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-    loss_BC = max_BC + jnp.log(sum_BC) - target_logit_BC
-    correct_BC = (target_logit_BC >= max_BC).astype(jnp.float32)
+    # One exp serves the loss and its gradient.
+    loss_BC, correct_BC, exp_BCV, sum_BC = _token_stats(logits_BCV, targets_BC)
     if not with_grads:
       return dtable_PVD, (loss_BC, correct_BC, None)
     hit_BCV = jnp.arange(V, dtype=targets_BC.dtype) == targets_BC[..., None]
