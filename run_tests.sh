@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv (if missing) with the test requirements, then runs the test suite.
+# Sets up .venv (if missing) with the test requirements and gemma_jax itself (editable, so that
+# `import gemma_jax` works from any directory), then runs the test suite.
 # Usage: bash run_tests.sh [pytest args...]      e.g. bash run_tests.sh -m slow
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -8,5 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements-test.txt
+# Dependencies came from the line above, so --no-deps: nothing is resolved again. The filter hides
+# setuptools' notice that the editable install works through an import hook.
+PYTHONWARNINGS='ignore:Editable installation' .venv/bin/python -m pip install -q --no-deps -e .
 # pytest exits 5 when it collected no tests; that is a failure here too.
 exec .venv/bin/python -m pytest -q "$@"

@@ -11,6 +11,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
+# Editable gemma_jax, so that experiment code outside this checkout can `import gemma_jax` too.
+# (--no-deps: the line above installed them; the filter hides setuptools' import-hook notice.)
+PYTHONWARNINGS='ignore:Editable installation' .venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/python train.py --config=configs/quickstart.py --workdir="$WORKDIR"
 echo
 echo "Sampling from $WORKDIR/final (held-out prompts, greedy):"
