@@ -3,7 +3,7 @@ r"""Fine-tunes a Gemma model as one config file describes.
   python train.py --config=configs/quickstart.py --workdir=/tmp/run [--config.steps=100 ...]
 
 Rerunning the same command resumes from the newest checkpoint in --workdir. Every config key is
-listed in gemma_jax/train_setup.py; `--config.a.b=value` overrides one (unknown keys fail here,
+listed in gemma_jax/train_config.py; `--config.a.b=value` overrides one (unknown keys fail here,
 before any work). The final params-only checkpoint for sample.py lands in WORKDIR/final.
 """
 
@@ -16,7 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from gemma_jax import distributed
-from gemma_jax import train_setup
+from gemma_jax import train_config
 from gemma_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
@@ -53,7 +53,7 @@ def _parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     unknown = _unknown_overrides(argv)
     reason = (f'unknown config key in {", ".join(unknown)} (every key is listed in '
-              'gemma_jax/train_setup.py)' if unknown else str(e))
+              'gemma_jax/train_config.py)' if unknown else str(e))
     print(f'train.py: error: {reason}', file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -66,7 +66,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   try:
     trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (train_setup.ConfigError, trainer.NonFiniteLossError) as e:
+  except (train_config.ConfigError, trainer.NonFiniteLossError) as e:
     print(f'train.py: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 

@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma_jax import attention
 from gemma_jax.config import AttentionType, get_preset
 from gemma_jax.transformer import Transformer
 
 
 def run(impl, model, tokens, positions, segments):
-  attention.ATTENTION_IMPL = impl
+  for block in model.layers:  # the kernel is part of the model (and so of its graphdef)
+    block.attn.impl = impl
   graphdef, state = nnx.split(model)
 
   def loss(st):

@@ -20,17 +20,14 @@ import argparse
 import os
 import sys
 import time
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from gemma_jax import optim, sharding, trainer  # noqa: E402
-from gemma_jax.config import get_preset  # noqa: E402
-from gemma_jax.transformer import Transformer  # noqa: E402
+import train_bench  # noqa: E402  (bench/, the same run configuration)
+from gemma_jax import sharding, train_config, train_state, trainer  # noqa: E402
 
 GB = 1e9
 DEFAULT_RUNS = ('gemma1-2b:8:2048:none:bfloat16:0', 'gemma1-2b:8:2048:none:bfloat16:512',
@@ -40,26 +37,21 @@ DEFAULT_RUNS = ('gemma1-2b:8:2048:none:bfloat16:0', 'gemma1-2b:8:2048:none:bfloa
 def step_memory(preset: str, batch: int, seq: int, remat: str, param_dtype: str,
                 loss_chunk: int) -> dict:
   """Bytes of XLA's plan for one jitted, donated train step on one device."""
-  dtype = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}[param_dtype]
-  make = lambda: Transformer(get_preset(preset), rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
-                             param_dtype=dtype, remat=remat)
-  graphdef, abs_params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-  opt = types.SimpleNamespace(name='adamw', b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01,
-                              weight_decay_exclude='', warmup_steps=0, decay='constant',
-                              min_lr_ratio=1.0, clip_norm=1.0)
-  tx, schedule = optim.make_optimizer(types.SimpleNamespace(learning_rate=1e-5, steps=1000,
-                                                            optimizer=opt))
-  abstract = jax.eval_shape(lambda p: trainer.init_state(p, tx, 0), abs_params)
+  config = train_bench.bench_config(argparse.Namespace(
+      preset=preset, dtype='bfloat16', param_dtype=param_dtype, remat=remat,
+      loss_chunk=loss_chunk))
   mesh = sharding.make_mesh({'fsdp': 1}, devices=jax.devices()[:1])
+  plan = train_state.plan_train_state(train_config.model_config(config), config, mesh)
   step = trainer.jit_train_step(
-      trainer.make_train_step(graphdef, rest, tx, schedule, loss_chunk=loss_chunk), mesh, abstract)
+      trainer.make_train_step(plan.graphdef, plan.rest, plan.tx, plan.schedule, mesh=mesh,
+                              loss_chunk=loss_chunk),
+      mesh, plan.abstract)
   i32, f32 = jnp.int32, jnp.float32
   batch_spec = {k: jax.ShapeDtypeStruct((batch, seq), t) for k, t in (
       ('tokens', i32), ('targets', i32), ('loss_mask', f32), ('positions', i32),
       ('segment_ids', i32))}
   t0 = time.time()
-  with sharding.use_mesh(mesh):
-    compiled = step.lower(abstract, batch_spec).compile()
+  compiled = step.lower(plan.abstract, batch_spec).compile()
   m = compiled.memory_analysis()
   new_out = m.output_size_in_bytes - m.alias_size_in_bytes
   return dict(state=m.argument_size_in_bytes, temp=m.temp_size_in_bytes, new_out=new_out,

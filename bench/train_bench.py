@@ -53,45 +53,43 @@ def _batch(vocab: int, batch: int, seq: int, seed: int = 0):
 
 
 def run_ours(args) -> dict:
-  """Times gemma_jax's train step (trainer.make_train_step, jitted with shardings, donated)."""
-  import types  # pylint: disable=g-import-not-at-top
+  """Times gemma_jax's train step: the trainer's own train state (train_state.create_train_state)
+  and step (trainer.make_train_step, jitted with shardings, donated)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from gemma_jax import distributed, optim, sharding, trainer  # pylint: disable=g-import-not-at-top
-  from gemma_jax.config import get_preset  # pylint: disable=g-import-not-at-top
-  from gemma_jax.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from gemma_jax import distributed, sharding, train_config, train_state, trainer  # pylint: disable=g-import-not-at-top
 
-  mc = get_preset(args.preset)
-  dtypes = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
-  kw = dict(dtype=dtypes[args.dtype], param_dtype=dtypes[args.param_dtype], remat=args.remat)
-  make = lambda: Transformer(mc, rngs=nnx.Rngs(0), **kw)
-  graphdef, abs_params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-  opt = types.SimpleNamespace(name='adamw', b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01,
-                              weight_decay_exclude='', warmup_steps=0, decay='constant',
-                              min_lr_ratio=1.0, clip_norm=1.0)
-  tx, schedule = optim.make_optimizer(types.SimpleNamespace(
-      learning_rate=1e-5, steps=1000, optimizer=opt))
+  config = bench_config(args)
+  mc = train_config.model_config(config)
   mesh = sharding.make_mesh({'fsdp': -1})
-  abstract = jax.eval_shape(lambda p: trainer.init_state(p, tx, 0), abs_params)
-  shardings = trainer.state_shardings(mesh, abstract)
-  with sharding.use_mesh(mesh):
-    params = jax.jit(lambda: nnx.state(make(), nnx.Param), out_shardings=shardings['params'])()
-    state = jax.jit(lambda p: trainer.init_state(p, tx, 0), out_shardings=shardings)(params)
-    step = trainer.jit_train_step(
-        trainer.make_train_step(graphdef, rest, tx, schedule, loss_chunk=args.loss_chunk),
-        mesh, abstract)
-    batch = distributed.put_batch(_batch(mc.vocab_size, args.batch, args.seq), mesh)
-    times = []
-    for i in range(args.warmup + args.steps):
-      t = time.perf_counter()
-      state, metrics = step(state, batch)
-      loss = float(metrics['loss'])  # waits for the step
-      if i >= args.warmup:
-        times.append(time.perf_counter() - t)
+  plan = train_state.plan_train_state(mc, config, mesh)
+  state = train_state.create_train_state(plan, mc, config)
+  step = trainer.jit_train_step(
+      trainer.make_train_step(plan.graphdef, plan.rest, plan.tx, plan.schedule, mesh=mesh,
+                              loss_chunk=args.loss_chunk),
+      mesh, plan.abstract)
+  batch = distributed.put_batch(_batch(mc.vocab_size, args.batch, args.seq), mesh)
+  times = []
+  for i in range(args.warmup + args.steps):
+    t = time.perf_counter()
+    state, metrics = step(state, batch)
+    loss = float(metrics['loss'])  # waits for the step
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t)
   stats = jax.devices()[0].memory_stats() or {}
   return {'step_s': statistics.median(times), 'loss': loss,
           'peak_gb': stats.get('peak_bytes_in_use', 0) / 1e9}
+
+
+def bench_config(args):
+  """The job config of a timed run: random init, AdamW (b2 0.95, weight decay 0.01 on every
+  weight, constant learning rate), clipping at 1.0, the run's dtypes, remat and loss_chunk."""
+  from gemma_jax import train_config  # pylint: disable=g-import-not-at-top
+  return train_config.plain_config(**{
+      'model.preset': args.preset, 'model.dtype': args.dtype, 'model.param_dtype': args.param_dtype,
+      'model.remat': args.remat, 'loss_chunk': args.loss_chunk, 'learning_rate': 1e-5,
+      'optimizer.b2': 0.95, 'optimizer.weight_decay': 0.01,
+      'optimizer.weight_decay_exclude': '', 'optimizer.decay': 'constant',
+      'optimizer.min_lr_ratio': 1.0})
 
 
 def run_transformers(args) -> dict:

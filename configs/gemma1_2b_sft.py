@@ -17,46 +17,29 @@ are never made whole; gemma_jax/loss.py).
 
 import os
 
-from gemma_jax.train_setup import base_config
+from gemma_jax.train_config import base_config
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
 
 
 def get_config():
   c = base_config()
-  c.steps = 1000
-  c.batch_size = 8  # global rows per optimizer step
   c.seq_len = 2048
   c.learning_rate = 2e-5
-  c.seed = 0
-  c.log_every = 10
-  c.eval_every = 200
   c.eval_batches = 8
-  c.checkpoint_every = 200
-  c.keep_checkpoints = 3
 
   c.model.preset = 'gemma1-2b'
-  c.model.init = 'official'
-  c.model.init_path = ''  # required: --config.model.init_path=...
-  c.model.tokenizer = ''
+  c.model.init = 'official'  # required: --config.model.init_path=...
   c.model.dtype = 'bfloat16'
-  c.model.param_dtype = 'float32'
   c.model.remat = 'dots'
 
-  c.data.source = 'jsonl'
   c.data.path = os.path.join(DATA, 'quickstart_train.jsonl')
   c.data.eval_path = os.path.join(DATA, 'quickstart_eval.jsonl')
-  c.data.packing = True
 
-  c.optimizer.name = 'adamw'
   c.optimizer.b2 = 0.95
   c.optimizer.weight_decay = 0.01
   c.optimizer.warmup_steps = 50
-  c.optimizer.decay = 'cosine'
-  c.optimizer.clip_norm = 1.0
-  c.optimizer.grad_accum_steps = 1
 
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over every device
   c.exact_match.examples = 100
   c.exact_match.max_new_tokens = 16
   return c

@@ -11,19 +11,12 @@ so the float32 [B, T, 256000] logits (2.1 GB per 1 x 2048 row, plus their gradie
 whole (gemma_jax/loss.py).
 """
 
-import importlib.util
-import os
-
-# The 2B config is the base: only the size-dependent settings differ.
-_spec = importlib.util.spec_from_file_location(
-    'gemma1_2b_sft', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gemma1_2b_sft.py'))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from configs import gemma1_2b_sft  # the base: only the size-dependent settings differ
 
 
 def get_config():
-  c = _base.get_config()
-  c.batch_size = 16  # global rows per optimizer step
+  c = gemma1_2b_sft.get_config()
+  c.batch_size = 16  # global rows per optimizer step (2 micro-batches of 8)
   c.model.preset = 'gemma1-7b'
   c.model.remat = 'full'
   c.loss_chunk = 512

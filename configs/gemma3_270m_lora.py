@@ -8,18 +8,11 @@ the optimiser state is that of ~3.8M parameters instead of 268M. Checkpoints hol
 only; WORKDIR/final is the merged model, which sample.py reads like any other.
 """
 
-import os
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location(
-    'gemma3_270m_sft', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                    'gemma3_270m_sft.py'))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from configs import gemma3_270m_sft  # the base: same data, steps and evaluation
 
 
 def get_config():
-  c = _base.get_config()
+  c = gemma3_270m_sft.get_config()
   c.learning_rate = 1e-3  # adapters start at zero and need a larger step than full fine-tuning
   c.lora.rank = 16
   c.lora.alpha = 32.0

@@ -12,7 +12,7 @@ held-out letter reversal is printed before and after training. On a GPU add
 
 import os
 
-from gemma_jax.train_setup import base_config
+from gemma_jax.train_config import base_config
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
 
@@ -20,10 +20,8 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def get_config():
   c = base_config()
   c.steps = 60
-  c.batch_size = 8
   c.seq_len = 64
   c.learning_rate = 5e-5
-  c.seed = 0
   c.log_every = 5
   c.eval_every = 30
   c.eval_batches = 4
@@ -32,24 +30,13 @@ def get_config():
 
   c.model.preset = 'gemma3-270m'
   c.model.init = 'gguf'
-  c.model.init_path = 'package'
-  c.model.tokenizer = ''  # the GGUF file's
-  c.model.dtype = 'float32'
-  c.model.param_dtype = 'float32'
-  c.model.remat = 'none'
+  c.model.init_path = 'package'  # the tokenizer comes from the GGUF file too
 
-  c.data.source = 'jsonl'
   c.data.path = os.path.join(DATA, 'quickstart_train.jsonl')
   c.data.eval_path = os.path.join(DATA, 'quickstart_eval.jsonl')
-  c.data.packing = True
 
-  c.optimizer.name = 'adamw'
-  c.optimizer.weight_decay = 0.0
   c.optimizer.warmup_steps = 6
-  c.optimizer.decay = 'cosine'
-  c.optimizer.clip_norm = 1.0
 
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.exact_match.examples = 50
   c.exact_match.max_new_tokens = 16
   return c

@@ -10,7 +10,7 @@ match before and after training, and exports WORKDIR/final for sample.py. For th
 
 import os
 
-from gemma_jax.train_setup import base_config
+from gemma_jax.train_config import base_config
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
 
@@ -21,7 +21,6 @@ def get_config():
   c.batch_size = 32
   c.seq_len = 64
   c.learning_rate = 3e-3
-  c.seed = 0
   c.log_every = 25
   c.eval_every = 100
   c.eval_batches = 4
@@ -30,19 +29,13 @@ def get_config():
 
   c.model.preset = 'tiny-gemma3'
   c.model.vocab_size = 128  # the quickstart tokenizer's vocabulary
-  c.model.init = 'none'
-  c.model.tokenizer = os.path.join(DATA, 'quickstart_tokenizer.model')
+  c.model.tokenizer = os.path.join(DATA, 'quickstart_tokenizer.model')  # random init: no weights
 
-  c.data.source = 'jsonl'
   c.data.path = os.path.join(DATA, 'quickstart_train.jsonl')
   c.data.eval_path = os.path.join(DATA, 'quickstart_eval.jsonl')
-  c.data.packing = True
 
-  c.optimizer.name = 'adamw'
   c.optimizer.weight_decay = 0.01
   c.optimizer.warmup_steps = 20
-  c.optimizer.decay = 'cosine'
-  c.optimizer.clip_norm = 1.0
 
   c.exact_match.examples = 200
   c.exact_match.max_new_tokens = 16

@@ -24,9 +24,12 @@ from flax import nnx
 from gemma_jax.config import AttentionType, ModelConfig
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, soft_cap
 
-# Which attention kernel serves uncached forwards (training, scoring): 'auto' takes cuDNN flash
-# attention on GPU where it applies (no logit soft-cap, 16-bit compute) and XLA elsewhere.
-ATTENTION_IMPL = os.environ.get('GEMMA_JAX_ATTENTION', 'auto')
+# Kernels for uncached forwards (training, scoring), chosen per model (`Transformer(attention=)`,
+# config.model.attention): 'auto' takes cuDNN flash attention on GPU where it applies (no logit
+# soft-cap, 16-bit compute) and XLA elsewhere. The environment variable, read when a forward is
+# traced, overrides the model's choice (e.g. GEMMA_JAX_ATTENTION=xla to rule cuDNN out).
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+ATTENTION_ENV = 'GEMMA_JAX_ATTENTION'
 
 # Large finite negative value for masked logits: fully masked rows (padding queries) stay finite.
 _MASK_VALUE = -2.3819763e38
@@ -55,11 +58,14 @@ class Attention(nnx.Module):
   """One attention layer; `attn_type` selects global or sliding-window (local) attention."""
 
   def __init__(self, config: ModelConfig, attn_type: AttentionType, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = 'auto'):
+    if impl not in ATTENTION_IMPLS:
+      raise ValueError(f'Unknown attention kernel {impl!r}; choose one of {ATTENTION_IMPLS}.')
     c = config
     self.config = config
     self.attn_type = attn_type
     self.dtype = dtype
+    self.impl = impl
     N, K, D, H = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     if c.fused_qkv:
@@ -119,7 +125,7 @@ class Attention(nnx.Module):
       mask_BTS &= same_segment_BTS
 
     k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
-    if cache is None and self._use_cudnn():
+    if cache is None and self.kernel() == 'cudnn':
       # Causality and the window by index; equal to the position rule for packed rows, whose
       # positions count up from 0 within each segment. Padding (segment 0) attends only to padding.
       enc_BTNH = jax.nn.dot_product_attention(
@@ -130,14 +136,19 @@ class Attention(nnx.Module):
       enc_BTNH = self._attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     return self.attn_vec_einsum.merge_heads(enc_BTNH), new_cache  # 'BTNH,NHD->BTD'
 
-  def _use_cudnn(self) -> bool:
-    if ATTENTION_IMPL == 'xla':
-      return False
+  def kernel(self) -> str:
+    """'cudnn' or 'xla': the kernel of an uncached forward, by $GEMMA_JAX_ATTENTION if set, else
+    by the model's `impl`. Raises ValueError when cuDNN is asked for where it cannot run."""
+    impl = os.environ.get(ATTENTION_ENV) or self.impl
+    if impl not in ATTENTION_IMPLS:
+      raise ValueError(f'{ATTENTION_ENV}={impl!r}; expected one of {ATTENTION_IMPLS}.')
+    if impl == 'xla':
+      return 'xla'
     eligible = (jax.default_backend() == 'gpu' and self.config.attn_logits_soft_cap is None
                 and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16))
-    if ATTENTION_IMPL == 'cudnn' and not eligible:
-      raise ValueError('GEMMA_JAX_ATTENTION=cudnn needs a GPU, 16-bit compute and no logit soft-cap.')
-    return eligible
+    if impl == 'cudnn' and not eligible:
+      raise ValueError('Attention kernel cudnn needs a GPU, 16-bit compute and no logit soft-cap.')
+    return 'cudnn' if eligible else 'xla'
 
   def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     """Softmax attention with grouped heads; logits, soft-cap and softmax in float32."""

@@ -1,4 +1,5 @@
-"""Native params-only checkpoints: Orbax arrays, the ModelConfig as JSON and the tokenizer.
+"""Native checkpoints: params-only directories (what sample.py reads) and the trainer's
+train-state checkpoints (what a rerun resumes from).
 
 Layout of a checkpoint directory (what `sample.py --ckpt DIR` and `load_params` read):
 ```
@@ -9,6 +10,11 @@ DIR/tokenizer.model   SentencePiece model (when one was given)
 ```
 Parameter paths mirror `nnx.state(model, nnx.Param)` (layer indices as strings), so the tree is the
 model's own and restoring it is a lookup, with no renaming.
+
+Train-state checkpoints live in WORKDIR/checkpoints, one Orbax step directory each: the train state
+(step, params, optimiser state, rng; a LoRA job's frozen base weights are left out and read again
+from model.init), the data-iterator state and the config. `export_params` writes the job's final
+params-only checkpoint, WORKDIR/final.
 """
 
 from __future__ import annotations
@@ -25,18 +31,22 @@ from flax import nnx
 
 from gemma_jax.config import ModelConfig
 from gemma_jax.distributed import sync_processes
-from gemma_jax.transformer import Transformer, param_name
+from gemma_jax.lora import merge_lora
+from gemma_jax.transformer import (Transformer, check_param_shapes, model_from_params, param_name,
+                                   shardings_by_name)
 
 CONFIG_FILE = 'config.json'
 PARAMS_DIR = 'params'
 TOKENIZER_FILE = 'tokenizer.model'
+TRAIN_CHECKPOINT_DIR = 'checkpoints'  # under a training job's workdir
+EXPORT_DIR = 'final'  # under a training job's workdir: export_params
 
 
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+def nest(flat: Mapping[str, Any], sep: str = '.') -> dict[str, Any]:
   """{'layers.0.attn.q_einsum.w': x} -> {'layers': {'0': {'attn': {'q_einsum': {'w': x}}}}}."""
   tree: dict[str, Any] = {}
   for name, value in flat.items():
-    *parents, leaf = name.split('.')
+    *parents, leaf = name.split(sep)
     node = tree
     for p in parents:
       node = node.setdefault(p, {})
@@ -44,13 +54,13 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
   return tree
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  """Inverse of `_nest`."""
+def flatten(tree: Mapping[str, Any], sep: str = '.', prefix: str = '') -> dict[str, Any]:
+  """Inverse of `nest`: nested (or partly flat) mappings -> {'a.b.c': leaf}."""
   flat = {}
   for key, value in tree.items():
     name = f'{prefix}{key}'
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, name + '.'))
+      flat.update(flatten(value, sep, name + sep))
     else:
       flat[name] = value
   return flat
@@ -73,7 +83,7 @@ def save_params(model: Transformer, directory: str | os.PathLike, tokenizer: Any
   flat = {param_name(path): var.get_value()
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(params_dir, _nest(flat))
+  checkpointer.save(params_dir, nest(flat))
   checkpointer.wait_until_finished()
   if jax.process_index() != 0:
     return  # one writer for the small files
@@ -106,24 +116,6 @@ def tokenizer_path(directory: str | os.PathLike) -> str | None:
   return path if os.path.isfile(path) else None
 
 
-def _flat_shardings(shardings: Any, names: list[str]) -> dict[str, jax.sharding.Sharding]:
-  """Normalises `shardings` (one Sharding, a dict by dotted name, or an nnx.State) per name."""
-  if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return {n: device for n in names}
-  if isinstance(shardings, jax.sharding.Sharding):
-    return {n: shardings for n in names}
-  if isinstance(shardings, nnx.State):
-    flat = {param_name(p): (v.get_value() if isinstance(v, nnx.Variable) else v)
-            for p, v in nnx.to_flat_state(shardings)}
-  else:
-    flat = dict(shardings)
-  missing = [n for n in names if n not in flat]
-  if missing:
-    raise ValueError(f'load_params: shardings has no entry for {missing[:5]}.')
-  return {n: flat[n] for n in names}
-
-
 def load_params(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
                 shardings: Any = None) -> Transformer:
   """Restores a Transformer written by `save_params`, without random init.
@@ -133,7 +125,7 @@ def load_params(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
   `jax.sharding.Sharding` for every parameter, or a per-parameter mapping (a dict keyed by dotted
   name such as 'layers.0.attn.q_einsum.w', or an nnx.State shaped like `nnx.state(model,
   nnx.Param)` with Sharding leaves): arrays are read straight into those shardings, so a model never
-  has to fit on one device.
+  has to fit on one device. Names and shapes are checked against config.json before any read.
   """
   directory = os.fspath(directory)
   params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
@@ -143,32 +135,72 @@ def load_params(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
   config = load_config(directory)
   checkpointer = ocp.StandardCheckpointer()
   try:
-    meta = checkpointer.metadata(params_dir).item_metadata.tree
+    saved = flatten(checkpointer.metadata(params_dir).item_metadata.tree)
   except (FileNotFoundError, ValueError, AttributeError) as e:
     raise ValueError(f'{params_dir}: unreadable Orbax checkpoint ({e}).') from e
-  saved = _flatten(meta)
+  check_param_shapes(config, {n: tuple(m.shape) for n, m in saved.items()},
+                     f'{params_dir} (checked against its {CONFIG_FILE})')
   if param_dtype is None:
     param_dtype = saved['embedder.input_embedding'].dtype
-  dtype = dtype or param_dtype
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                param_dtype=param_dtype))
-  graphdef, state = nnx.split(abstract)
-  flat_state = nnx.to_flat_state(state)
-  params = {param_name(p): v for p, v in flat_state if isinstance(v, nnx.Param)}
-  missing = sorted(set(params) - set(saved))
-  unexpected = sorted(set(saved) - set(params))
-  if missing or unexpected:
-    raise ValueError(f'{params_dir}: parameters do not match {CONFIG_FILE} (model '
-                     f'{config.name!r}): missing {missing[:5]}, unexpected {unexpected[:5]}.')
-  for name, var in params.items():
-    if tuple(saved[name].shape) != tuple(var.shape):
-      raise ValueError(f'{params_dir}: parameter {name!r} has shape {tuple(saved[name].shape)}, '
-                       f'{CONFIG_FILE} implies {tuple(var.shape)}.')
-  per_name = _flat_shardings(shardings, list(params))
-  target = _nest({n: jax.ShapeDtypeStruct(v.shape, jnp.dtype(param_dtype), sharding=per_name[n])
-                  for n, v in params.items()})
-  restored = _flatten(checkpointer.restore(params_dir, target))
-  for name, var in params.items():
-    var.set_value(restored[name])
-  return nnx.merge(graphdef, nnx.from_flat_state(flat_state))
+  names = sorted(saved)
+  placement = shardings_by_name(shardings, names) or {
+      n: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) for n in names}
+  target = nest({n: jax.ShapeDtypeStruct(saved[n].shape, jnp.dtype(param_dtype),
+                                         sharding=placement[n]) for n in names})
+  restored = flatten(checkpointer.restore(params_dir, target))
+  return model_from_params(config, restored, dtype=dtype or param_dtype, param_dtype=param_dtype,
+                           source=params_dir, shardings=placement)
 
+
+# ---------------------------------------------------------------------------------------------
+# Train-state checkpoints (the trainer's).
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """Async Orbax manager over WORKDIR/checkpoints keeping the newest `keep` steps.
+
+  Orbax writes each step to a temporary directory and renames it when complete, so a save that
+  was killed midway is never listed, hence never restored.
+  """
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                         create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR),
+                               options=options)
+
+
+def save_train_state(manager: ocp.CheckpointManager, step: int, state: Mapping[str, Any],
+                     data_state: Any, config: Mapping[str, Any]) -> None:
+  """Starts an async save of the train state (without a LoRA job's frozen base weights), the
+  data-iterator state and the config (a plain dict)."""
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_saved(state)),
+      data=ocp.args.JsonSave(data_state),
+      config=ocp.args.JsonSave(dict(config))))
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                        shardings: Any) -> tuple[dict[str, Any], Any]:
+  """(train state placed on `shardings`, data-iterator state) saved at `step` (without 'frozen':
+  a LoRA job reads its base weights from model.init again)."""
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        _saved(abstract_state), _saved(shardings))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  return restored['state'], restored['data']
+
+
+def _saved(state: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in state.items() if k != 'frozen'}
+
+
+def export_params(model: Transformer, workdir: str, tokenizer: Any = None) -> str:
+  """Writes the job's final params-only checkpoint (+ tokenizer.model) for sample.py to
+  WORKDIR/final, replacing an earlier one; a model with LoRA adapters is exported with them
+  merged in (in place). Returns the directory."""
+  out = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
+  if os.path.exists(out) and jax.process_index() == 0:
+    shutil.rmtree(out)
+  sync_processes('export_params:cleared')  # nobody checks `out` before it is gone
+  merge_lora(model)
+  save_params(model, out, tokenizer)
+  return out

@@ -48,7 +48,7 @@ class ModelConfig:
   rope_scale_local: float = 1.0
   rms_norm_eps: float = 1e-6
   max_seq_len: int = 8192
-  family: int = 1  # 1, 2 or 3: which Gemma generation (for exporters and tokenizer defaults)
+  family: int = 1  # 1, 2 or 3: which Gemma generation (what the HF exporter writes)
 
   def __post_init__(self):
     if len(self.attention_types) != self.num_layers:
@@ -95,26 +95,30 @@ class ModelConfig:
 
 G, LO = AttentionType.GLOBAL, AttentionType.LOCAL
 
+# Each generation's layer pattern as a period (see `layer_pattern`); importers use it where a file
+# does not spell the pattern out.
+PATTERN_PERIOD = {1: 1, 2: 2, 3: 6}
 
-def _alternating(num_layers: int) -> tuple[AttentionType, ...]:
-  """Gemma 2: local, global, local, global, ..."""
-  return tuple(LO if i % 2 == 0 else G for i in range(num_layers))
 
-
-def _five_to_one(num_layers: int) -> tuple[AttentionType, ...]:
-  """Gemma 3: five local layers, then one global, repeated."""
-  return tuple(G if (i + 1) % 6 == 0 else LO for i in range(num_layers))
+def layer_pattern(num_layers: int, period: int) -> tuple[AttentionType, ...]:
+  """The one rule for local/global layers: every `period`-th layer is GLOBAL, the rest LOCAL.
+  Period 1: all global (Gemma 1); 2: local, global, ... (Gemma 2); 6: five local layers, then one
+  global, repeated (Gemma 3)."""
+  if period < 1:
+    raise ValueError(f'layer pattern period must be >= 1, got {period}.')
+  return tuple(G if (i + 1) % period == 0 else LO for i in range(num_layers))
 
 
 def _gemma1(name, L, D, F, N, H, K, V=256_128) -> ModelConfig:
   return ModelConfig(name=name, num_layers=L, embed_dim=D, hidden_dim=F, num_heads=N,
-                     head_dim=H, num_kv_heads=K, vocab_size=V, attention_types=(G,) * L,
-                     family=1)
+                     head_dim=H, num_kv_heads=K, vocab_size=V,
+                     attention_types=layer_pattern(L, PATTERN_PERIOD[1]), family=1)
 
 
 def _gemma2(name, L, D, F, N, H, K, query_pre_attn_scalar, V=256_128) -> ModelConfig:
   return ModelConfig(name=name, num_layers=L, embed_dim=D, hidden_dim=F, num_heads=N,
-                     head_dim=H, num_kv_heads=K, vocab_size=V, attention_types=_alternating(L),
+                     head_dim=H, num_kv_heads=K, vocab_size=V,
+                     attention_types=layer_pattern(L, PATTERN_PERIOD[2]),
                      sliding_window=4096, query_pre_attn_scalar=query_pre_attn_scalar,
                      attn_logits_soft_cap=50.0, final_logit_soft_cap=30.0,
                      use_post_attn_norm=True, use_post_ffw_norm=True, family=2)
@@ -123,7 +127,8 @@ def _gemma2(name, L, D, F, N, H, K, query_pre_attn_scalar, V=256_128) -> ModelCo
 def _gemma3(name, L, D, F, N, H, K, window, query_pre_attn_scalar, rope_scale_global,
             max_seq_len, V=262_144) -> ModelConfig:
   return ModelConfig(name=name, num_layers=L, embed_dim=D, hidden_dim=F, num_heads=N,
-                     head_dim=H, num_kv_heads=K, vocab_size=V, attention_types=_five_to_one(L),
+                     head_dim=H, num_kv_heads=K, vocab_size=V,
+                     attention_types=layer_pattern(L, PATTERN_PERIOD[3]),
                      sliding_window=window, query_pre_attn_scalar=query_pre_attn_scalar,
                      use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True,
                      rope_base_global=1_000_000.0, rope_base_local=10_000.0,

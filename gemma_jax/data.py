@@ -46,21 +46,10 @@ from typing import Any
 import grain
 import numpy as np
 
-DEFAULT_CONFIG = {
-    'source': 'jsonl',            # 'jsonl' | 'tfds'
-    'path': '',                   # jsonl: training file
-    'eval_path': '',              # jsonl: held-out file ('' = none)
-    'name': '',                   # tfds: dataset name, e.g. 'my_sft' or 'my_sft:1.0.0'
-    'data_dir': '',               # tfds: data_dir ('' = TFDS default)
-    'train_split': 'train',       # tfds: training split
-    'eval_split': '',             # tfds: held-out split ('' = none)
-    'messages_field': 'messages',  # field holding a list of {'role', 'content'} turns
-    'prompt_field': 'prompt',     # fields used when a record has no messages_field
-    'response_field': 'response',
-    'packing': True,              # first-fit pack examples into rows
-    'truncate': 'truncate',       # 'truncate' (keep the start) | 'drop' examples over seq_len
-}
-ROLES = ('user', 'model', 'assistant', 'system')
+from gemma_jax.tokenizer import chat_turns
+from gemma_jax.train_config import DATA_DEFAULTS
+
+DEFAULT_CONFIG = DATA_DEFAULTS  # the data.* keys of a job config, with their meaning
 _FIELDS = ('tokens', 'targets', 'loss_mask')
 _OK, _TRUNCATED, _DROPPED = 0, 1, 2
 _MIN_PACKING_BINS = 16  # First-fit over this many open rows; more rows, less padding.
@@ -117,8 +106,6 @@ def record_to_messages(record: Any, cfg: Mapping[str, Any], where: str) -> list[
       if not isinstance(turn, Mapping) or 'role' not in turn or 'content' not in turn:
         raise ValueError(f"{where}: {mfield}[{i}] must be an object with 'role' and 'content'.")
       role = _text(turn['role'], where, f'{mfield}[{i}].role')
-      if role not in ROLES:
-        raise ValueError(f'{where}: {mfield}[{i}] has role {role!r}; expected one of {ROLES}.')
       messages.append({'role': 'model' if role == 'assistant' else role,
                        'content': _text(turn['content'], where, f'{mfield}[{i}].content')})
   elif pfield in record and rfield in record:
@@ -128,13 +115,12 @@ def record_to_messages(record: Any, cfg: Mapping[str, Any], where: str) -> list[
     raise ValueError(f"{where}: record has neither '{mfield}' nor '{pfield}' and '{rfield}' "
                      f'(its fields: {sorted(record)}); set data.messages_field or '
                      'data.prompt_field/response_field.')
+  try:
+    chat_turns(messages)  # roles and their order: the chat format's own rule
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
   if not any(m['role'] == 'model' for m in messages):
     raise ValueError(f'{where}: example has no model turn, so nothing to learn from.')
-  turns = [m['role'] for m in messages if m['role'] != 'system']
-  if 'system' in [m['role'] for m in messages[1:]] or any(
-      role != ('user', 'model')[i % 2] for i, role in enumerate(turns)):
-    raise ValueError(f'{where}: turns must be an optional system message, then user and model '
-                     f'turns alternating from user; got roles {[m["role"] for m in messages]}.')
   return messages
 
 
@@ -157,21 +143,6 @@ def read_jsonl(path: str, cfg: Mapping[str, Any] | None = None) -> list[tuple[st
   if not examples:
     raise ValueError(f'JSONL file {path!r} holds no examples.')
   return examples
-
-
-def split_prompt_reference(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict], str]:
-  """Splits a conversation at its last model turn: (prompt messages, reference answer)."""
-  last = max(i for i, m in enumerate(messages) if m['role'] in ('model', 'assistant'))
-  return [dict(m) for m in messages[:last]], messages[last]['content']
-
-
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-  """Fraction of predictions equal to their reference after collapsing whitespace."""
-  if len(predictions) != len(references) or not references:
-    raise ValueError(f'exact_match needs equal, non-zero lengths, got {len(predictions)} '
-                     f'predictions and {len(references)} references.')
-  norm = lambda s: ' '.join(s.split())
-  return sum(norm(p) == norm(r) for p, r in zip(predictions, references)) / len(references)
 
 
 def encode_example(messages: Sequence[Mapping[str, str]], tokenizer, seq_len: int,
@@ -392,3 +363,15 @@ def make_dataset(data_config: Mapping[str, Any], tokenizer, *, seq_len: int, bat
   examples = examples.map(encode)
   return SFTDataset(examples, config=cfg, seq_len=seq_len, batch_size=batch_size,
                     num_records=num_records)
+
+
+def job_dataset(config: Any, tokenizer, *, split: str) -> SFTDataset:
+  """The training job's pipeline for `split` from its config (config.data, seq_len, seed): each
+  process reads its share of the global `config.batch_size`."""
+  import jax  # Only to find this process's share.
+  n = jax.process_count()
+  if config.batch_size % n:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+                     f'{n} processes.')
+  return make_dataset(config.data, tokenizer, seq_len=config.seq_len,
+                      batch_size=config.batch_size // n, seed=config.seed, split=split)

@@ -1,9 +1,19 @@
-"""Small building blocks shared by the modules: RMSNorm, Einsum, RoPE and soft-capping."""
+"""Small building blocks shared by the modules: RMSNorm, Einsum, RoPE, soft-capping, parameter names.
+
+One dimension alphabet serves every module, in einsum strings and array-name suffixes (`x_BTD`):
+  B batch            T query length      S key / cache length   D embed (model width)
+  N query heads      K key/value heads   G query heads per kv head (N / K)
+  H head dim         F feed-forward hidden                       V vocabulary
+  L layers           C stacked projections of one weight (k/v, q/k/v, gate/up)
+  M rows of a flattened batch (B x T)    J flattened leading axes of a weight (C x N)
+  U tokens per chunk of the head-fused loss, n chunks            P batch shards, b rows per shard
+  O the sampler's generated tokens       k top-k candidates      r LoRA rank
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +33,23 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: LogicalAxes) 
   if len(axes) != len(shape):
     raise ValueError(f'logical axes {axes} do not match shape {tuple(shape)}')
   return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def param_name(path: Sequence[Any]) -> str:
+  """The dotted name of a parameter, e.g. 'layers.0.attn.q_einsum.w', from an `nnx` state path
+  (('layers', 0, 'attn', 'q_einsum', 'w')) or a jax key path (optax states: DictKey, GetAttrKey,
+  SequenceKey entries; the Variable's own 'value' entry is dropped). The one naming of parameters:
+  checkpoints, LoRA targets and the weight-decay mask all match these names."""
+  parts = []
+  for k in path:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        k = getattr(k, attr)
+        break
+    parts.append(str(k))
+  if parts and parts[-1] == 'value':
+    parts.pop()
+  return '.'.join(parts)
 
 
 def fan_in_normal(fan_in_axes: Sequence[int]):
@@ -80,10 +107,10 @@ class Einsum(nnx.Module):
       y = jnp.einsum('BTD,...NDH->...BTNH', x, w)
     else:
       lead, H = w.shape[:-2], w.shape[-1]
-      G = math.prod(lead)
-      x_GMD = jnp.broadcast_to(x.reshape(1, B * T, D), (G, B * T, D))
-      out_GMH = jnp.einsum('GMD,GDH->GMH', x_GMD, w.reshape(G, D, H))
-      y = jnp.moveaxis(out_GMH.reshape(*lead, B, T, H), len(lead) - 1, -2)
+      J = math.prod(lead)
+      x_JMD = jnp.broadcast_to(x.reshape(1, B * T, D), (J, B * T, D))
+      out_JMH = jnp.einsum('JMD,JDH->JMH', x_JMD, w.reshape(J, D, H))
+      y = jnp.moveaxis(out_JMH.reshape(*lead, B, T, H), len(lead) - 1, -2)
     return with_lora(self, 'w', y, x, 'BTD,...Dr->...BTr', '...BTr,...rNH->...BTNH')
 
   def merge_heads(self, x_BTNH: jax.Array) -> jax.Array:

@@ -3,7 +3,7 @@
 The output head of a 256K-vocabulary model makes the biggest activation of a training step: the
 float32 logits [B, T, V] (16.8 GB for 8 x 2048 tokens), kept for the backward pass together with
 their gradient. `head_loss_sums` never makes them whole. It walks the sequence `chunk` tokens at a
-time (a `lax.scan`); each chunk makes its logits [B, C, V], reduces them to the loss, and computes
+time (a `lax.scan`); each chunk makes its logits [B, U, V] (U = `chunk` tokens), reduces them to the loss, and computes
 its share of the two head gradients there and then: d/dx for the chunk's hidden states and d/dW
 added into a float32 accumulator of the (tied) embedding table. The backward pass only scales these
 by the incoming cotangent (a `jax.custom_vjp`), so nothing is recomputed: the FLOPs are those of
@@ -63,74 +63,74 @@ def head_loss_sums(x_BTD: jax.Array, table_VD: jax.Array, targets_BT: jax.Array,
   if chunk < 1:
     raise ValueError(f'head_loss_sums: chunk={chunk} must be >= 1.')
   B, T, D = x_BTD.shape
-  C = min(chunk, T)
-  pad = -T % C
+  U = min(chunk, T)
+  pad = -T % U
   if pad:
     x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
     targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
     mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
-  n = (T + pad) // C
+  n = (T + pad) // U
   table_VD = constrain(table_VD, ('vocab', None))  # gathered once, before the loop
-  # [B, n*C, ...] -> [n, B, C, ...]: the scan walks n; rows keep their batch sharding.
-  chunks = lambda a: jnp.swapaxes(a.reshape(B, n, C, *a.shape[2:]), 0, 1)
+  # [B, n*U, ...] -> [n, B, U, ...]: the scan walks n; rows keep their batch sharding.
+  chunks = lambda a: jnp.swapaxes(a.reshape(B, n, U, *a.shape[2:]), 0, 1)
   return _fused_head_loss(cap, chunks(x_BTD), table_VD, chunks(targets_BT),
                           chunks(mask_BT.astype(jnp.float32)))
 
 
-def _scan_chunks(cap, x_nBCD, table_VD, targets_nBC, mask_nBC, with_grads: bool):
-  """Loss and hits per token [n, B, C]; with grads also d(loss_sum)/dx [n,B,C,D] and /dW [V,D]."""
-  n, B, C, D = x_nBCD.shape
+def _scan_chunks(cap, x_nBUD, table_VD, targets_nBU, mask_nBU, with_grads: bool):
+  """Loss and hits per token [n, B, U]; with grads also d(loss_sum)/dx [n,B,U,D] and /dW [V,D]."""
+  n, B, U, D = x_nBUD.shape
   V = table_VD.shape[0]
   P = shard_count('batch', B)  # one accumulator per batch shard: no reduction inside the loop
 
   def body(dtable_PVD, xs):
-    x_BCD, targets_BC, mask_BC = xs
-    z_BCV = jnp.einsum('BCD,VD->BCV', x_BCD, table_VD, preferred_element_type=jnp.float32)
-    logits_BCV = constrain(soft_cap(z_BCV, cap), ('batch', 'length', 'vocab'))
+    x_BUD, targets_BU, mask_BU = xs
+    z_BUV = jnp.einsum('BUD,VD->BUV', x_BUD, table_VD, preferred_element_type=jnp.float32)
+    logits_BUV = constrain(soft_cap(z_BUV, cap), ('batch', 'length', 'vocab'))
     # One exp serves the loss and its gradient.
-    loss_BC, correct_BC, exp_BCV, sum_BC = _token_stats(logits_BCV, targets_BC)
+    loss_BU, correct_BU, exp_BUV, sum_BU = _token_stats(logits_BUV, targets_BU)
     if not with_grads:
-      return dtable_PVD, (loss_BC, correct_BC, None)
-    hit_BCV = jnp.arange(V, dtype=targets_BC.dtype) == targets_BC[..., None]
-    d_BCV = (exp_BCV * (1.0 / sum_BC)[..., None] - hit_BCV) * mask_BC[..., None]
+      return dtable_PVD, (loss_BU, correct_BU, None)
+    hit_BUV = jnp.arange(V, dtype=targets_BU.dtype) == targets_BU[..., None]
+    d_BUV = (exp_BUV * (1.0 / sum_BU)[..., None] - hit_BUV) * mask_BU[..., None]
     if cap is not None:  # d/dz of cap * tanh(z / cap) = 1 - tanh^2
-      d_BCV = d_BCV * (1.0 - jnp.square(logits_BCV / cap))
-    d_BCV = d_BCV.astype(x_BCD.dtype)
-    dx_BCD = jnp.einsum('BCV,VD->BCD', d_BCV, table_VD,
-                        preferred_element_type=jnp.float32).astype(x_BCD.dtype)
-    d_PbCV = d_BCV.reshape(P, B // P, C, V)
-    x_PbCD = x_BCD.reshape(P, B // P, C, D)
-    dtable_PVD += jnp.einsum('PbCV,PbCD->PVD', d_PbCV, x_PbCD,
+      d_BUV = d_BUV * (1.0 - jnp.square(logits_BUV / cap))
+    d_BUV = d_BUV.astype(x_BUD.dtype)
+    dx_BUD = jnp.einsum('BUV,VD->BUD', d_BUV, table_VD,
+                        preferred_element_type=jnp.float32).astype(x_BUD.dtype)
+    d_PbUV = d_BUV.reshape(P, B // P, U, V)
+    x_PbUD = x_BUD.reshape(P, B // P, U, D)
+    dtable_PVD += jnp.einsum('PbUV,PbUD->PVD', d_PbUV, x_PbUD,
                              preferred_element_type=jnp.float32)
-    return constrain(dtable_PVD, ('batch', 'vocab', None)), (loss_BC, correct_BC, dx_BCD)
+    return constrain(dtable_PVD, ('batch', 'vocab', None)), (loss_BU, correct_BU, dx_BUD)
 
   init = jnp.zeros((P, V, D) if with_grads else (), jnp.float32)
   if with_grads:
     init = constrain(init, ('batch', 'vocab', None))
-  dtable_PVD, (loss_nBC, correct_nBC, dx_nBCD) = jax.lax.scan(
-      body, init, (x_nBCD, targets_nBC, mask_nBC))
-  loss_sum = jnp.sum(loss_nBC * mask_nBC)
-  correct_sum = jnp.sum(correct_nBC * mask_nBC)
-  grads = (dx_nBCD, jnp.sum(dtable_PVD, axis=0), loss_nBC) if with_grads else None
+  dtable_PVD, (loss_nBU, correct_nBU, dx_nBUD) = jax.lax.scan(
+      body, init, (x_nBUD, targets_nBU, mask_nBU))
+  loss_sum = jnp.sum(loss_nBU * mask_nBU)
+  correct_sum = jnp.sum(correct_nBU * mask_nBU)
+  grads = (dx_nBUD, jnp.sum(dtable_PVD, axis=0), loss_nBU) if with_grads else None
   return (loss_sum, correct_sum), grads
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_head_loss(cap, x_nBCD, table_VD, targets_nBC, mask_nBC):
-  return _scan_chunks(cap, x_nBCD, table_VD, targets_nBC, mask_nBC, with_grads=False)[0]
+def _fused_head_loss(cap, x_nBUD, table_VD, targets_nBU, mask_nBU):
+  return _scan_chunks(cap, x_nBUD, table_VD, targets_nBU, mask_nBU, with_grads=False)[0]
 
 
-def _fused_head_loss_fwd(cap, x_nBCD, table_VD, targets_nBC, mask_nBC):
-  sums, grads = _scan_chunks(cap, x_nBCD, table_VD, targets_nBC, mask_nBC, with_grads=True)
-  return sums, (grads, table_VD, targets_nBC)  # the last two only for their dtype and shape
+def _fused_head_loss_fwd(cap, x_nBUD, table_VD, targets_nBU, mask_nBU):
+  sums, grads = _scan_chunks(cap, x_nBUD, table_VD, targets_nBU, mask_nBU, with_grads=True)
+  return sums, (grads, table_VD, targets_nBU)  # the last two only for their dtype and shape
 
 
 def _fused_head_loss_bwd(cap, residuals, cotangents):
   del cap
-  (dx_nBCD, dtable_VD, loss_nBC), table_VD, targets_nBC = residuals
+  (dx_nBUD, dtable_VD, loss_nBU), table_VD, targets_nBU = residuals
   g = cotangents[0]  # the hit count has no gradient
-  return ((g * dx_nBCD).astype(dx_nBCD.dtype), (g * dtable_VD).astype(table_VD.dtype),
-          np.zeros(targets_nBC.shape, jax.dtypes.float0), g * loss_nBC)
+  return ((g * dx_nBUD).astype(dx_nBUD.dtype), (g * dtable_VD).astype(table_VD.dtype),
+          np.zeros(targets_nBU.shape, jax.dtypes.float0), g * loss_nBU)
 
 
 _fused_head_loss.defvjp(_fused_head_loss_fwd, _fused_head_loss_bwd)

@@ -152,32 +152,3 @@ def plot_loss_curve(workdir: str) -> str | None:
   fig.savefig(out, dpi=100)
   plt.close(fig)
   return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Exact match on held-out prompts (the quickstart's before/after figure).
-
-
-def exact_match_eval(model, tokenizer, examples, max_new_tokens: int,
-                     batch_size: int = 64) -> dict[str, Any]:
-  """Answers held-out conversations greedily (KV-cached `Sampler`) and scores exact match.
-
-  `examples`: [(prompt messages, reference answer)], e.g. from `data.split_prompt_reference`;
-  prompts are encoded exactly as training encodes them (`Tokenizer.encode_chat`).
-  Returns {'exact_match': fraction, 'samples': [(prompt text, prediction, reference), ...]}.
-  """
-  from gemma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from gemma_jax.sampler import Sampler  # pylint: disable=g-import-not-at-top
-
-  prompts = [tokenizer.encode_chat(m, add_generation_prompt=True)[0] for m, _ in examples]
-  sampler = Sampler(model, tokenizer, cache_length=max(map(len, prompts)) + max_new_tokens)
-  batch_size = min(batch_size, len(prompts))
-  predictions = []
-  for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start:start + batch_size]
-    n = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - n)  # One batch shape, one compile.
-    predictions += [c.text for c in sampler.sample(chunk, max_new_tokens)[:n]]
-  references = [r for _, r in examples]
-  samples = [(m[-1]['content'], p, r) for (m, r), p in zip(examples, predictions)]
-  return {'exact_match': data_lib.exact_match(predictions, references), 'samples': samples}

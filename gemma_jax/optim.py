@@ -2,8 +2,9 @@
 
 `make_optimizer(config)` returns `(optax.GradientTransformation, schedule)`; the transformation
 clips by global norm and then applies AdamW or Adafactor with warmup + cosine/linear/constant decay.
-Gradient accumulation is not done here: the trainer averages micro-batch gradients inside its one
-jitted step (see trainer.py), so the optimiser always sees the gradient of the whole batch.
+Gradient accumulation is not done here: the trainer sums the micro-batch gradients, each normalised
+by the whole batch's target count, inside its one jitted step (`distributed.accumulate_gradients`),
+so the optimiser always sees the gradient of the whole batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import optax
 
+from gemma_jax.layers import param_name
+
 if TYPE_CHECKING:
   import ml_collections
 
@@ -22,7 +25,8 @@ DECAYS = ('cosine', 'linear', 'constant')
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate` over `optimizer.warmup_steps`, then the decay.
+  """Linear warmup from 0 to `learning_rate` over `optimizer.warmup_steps` (at most `steps`),
+  then the decay.
 
   `optimizer.decay`: 'cosine' or 'linear' to `learning_rate * optimizer.min_lr_ratio` at `steps`,
   or 'constant'.
@@ -32,8 +36,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   end = peak * float(opt.min_lr_ratio)
   if opt.decay not in DECAYS:
     raise ValueError(f'config.optimizer.decay={opt.decay!r}; expected one of {DECAYS}.')
-  if warmup < 0 or warmup > steps:
-    raise ValueError(f'config.optimizer.warmup_steps={warmup} must be in [0, steps={steps}].')
+  if warmup < 0:
+    raise ValueError(f'config.optimizer.warmup_steps={warmup} must be >= 0.')
+  warmup = min(warmup, steps)  # a shipped config shortened for a smoke run (the job warns once)
   decay_steps = max(steps - warmup, 1)
   if opt.decay == 'cosine':
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
@@ -46,25 +51,18 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def path_str(path: tuple[Any, ...]) -> str:
-  """'layers/0/attn/q_einsum/w' for a pytree key path (the names `weight_decay_exclude` matches)."""
-  parts = []
-  for k in path:
-    for attr in ('key', 'idx', 'name'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(p for p in parts if p != 'value')
-
-
 def decay_mask_fn(exclude: str) -> Callable[[Any], Any]:
   """A mask function for optax: True where weight decay applies.
 
-  `exclude` is a regular expression searched in each parameter's path ('layers/0/pre_ffw_norm/scale');
-  matching parameters get no weight decay. '' decays everything.
+  `exclude` is a regular expression searched in each parameter's dotted name
+  ('layers.0.pre_ffw_norm.scale', the names `lora.targets` and checkpoints use); matching
+  parameters get no weight decay. '' decays everything. A '/' (the slash paths of earlier
+  versions) is refused with the dotted spelling to use instead.
   """
+  if '/' in exclude:
+    raise ValueError(f'config.optimizer.weight_decay_exclude={exclude!r}: parameter names are '
+                     "dotted ('layers.0.pre_ffw_norm.scale'), not slash paths; write "
+                     f"{exclude.replace('/', '[.]')!r} instead.")
   try:
     pattern = re.compile(exclude) if exclude else None
   except re.error as e:
@@ -72,7 +70,7 @@ def decay_mask_fn(exclude: str) -> Callable[[Any], Any]:
 
   def mask(params):
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: not (pattern and pattern.search(path_str(p))), params)
+        lambda p, _: not (pattern and pattern.search(param_name(p))), params)
 
   return mask
 

@@ -185,9 +185,10 @@ class ShardingRules:
 
 
 def as_rules(rules: ShardingRules | Mapping[str, Any] | None) -> ShardingRules:
-  """None -> the defaults; a mapping -> `ShardingRules.from_config`; rules pass through."""
+  """None -> the defaults, `ShardingRules()`; a mapping -> `ShardingRules.from_config`; rules
+  pass through."""
   if rules is None:
-    return _RULES.get()
+    return ShardingRules()
   if isinstance(rules, ShardingRules):
     return rules
   return ShardingRules.from_config(rules)
@@ -284,14 +285,6 @@ def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh,
   return nnx.merge(graphdef, state)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh,
-                rules: ShardingRules | Mapping | None = None) -> nnx.Module:
-  """Moves an existing model's variables onto their shardings (in place); returns the model."""
-  state = nnx.state(model)
-  nnx.update(model, jax.device_put(state, param_shardings(state, mesh, rules)))
-  return model
-
-
 def cache_shardings(cache: Any, mesh: Mesh, rules: ShardingRules | Mapping | None = None) -> Any:
   """Shardings for `Transformer.init_cache(...)`: k/v [B,S,K,H] over (batch, -, kv_heads, -),
   pos [B,S] over batch, end_index replicated. Use as jit in/out shardings when sampling."""
@@ -337,12 +330,25 @@ def use_mesh(mesh: Mesh, rules: ShardingRules | Mapping | None = None) -> Iterat
 
   Trace (call) jitted steps inside it; outside it `constrain` does nothing.
   """
-  token = _RULES.set(as_rules(rules) if rules is not None else ShardingRules())
+  token = _RULES.set(as_rules(rules))
   try:
     with jax.set_mesh(mesh):
       yield mesh
   finally:
     _RULES.reset(token)
+
+
+@contextlib.contextmanager
+def tracing_under(mesh: Mesh | None, rules: ShardingRules | Mapping | None = None) -> Iterator[None]:
+  """What `constrain` reads while a function is traced: `mesh` (its abstract form: allowed inside
+  jit) and `rules`. A jitted step enters it in its own body, so its activation constraints are
+  the same whoever traces it, inside `use_mesh` or not. `mesh` None changes nothing."""
+  if mesh is None:
+    yield
+    return
+  with use_rules(as_rules(rules)), \
+      jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
 
 
 @contextlib.contextmanager

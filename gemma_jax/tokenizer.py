@@ -53,6 +53,42 @@ def _trie_regex(words: Sequence[str]) -> str:
   return build(trie)
 
 
+def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
+  """The one check of a conversation: [(role, content)] with roles 'user'/'model', alternating
+  from user, after an optional first system message (folded into the first user turn, as Gemma
+  has no system role); 'assistant' is an alias of 'model'. Raises ValueError naming the message.
+  Chat formatting, chat ids and the training data (gemma_jax.data) all validate through it."""
+  if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+    raise TypeError('messages must be a list of {"role": ..., "content": ...} dicts')
+  turns, system = [], None
+  for k, msg in enumerate(messages):
+    if not isinstance(msg, Mapping) or 'role' not in msg or 'content' not in msg:
+      raise ValueError(f'messages[{k}] must be a dict with "role" and "content", got {msg!r}')
+    role, content = _ROLE_ALIASES.get(msg['role']), msg['content']
+    if role is None:
+      raise ValueError(f'messages[{k}] has role {msg["role"]!r}; expected one of '
+                       f'{sorted(_ROLE_ALIASES)}')
+    if not isinstance(content, str):
+      raise ValueError(f'messages[{k}]["content"] must be a str, got {type(content).__name__}')
+    if role == 'system':
+      if k != 0:
+        raise ValueError(f'messages[{k}]: a system message is only allowed first (Gemma has no '
+                         'system role; it is folded into the first user turn)')
+      system = content
+      continue
+    expected = 'user' if not turns or turns[-1][0] == 'model' else 'model'
+    if role != expected:
+      raise ValueError(f'messages[{k}] has role {msg["role"]!r} but {expected!r} was expected: '
+                       'the conversation must start with a user turn and alternate user/model '
+                       '(an optional system message, then user and model turns alternating)')
+    if system is not None and not turns:
+      content = system + '\n\n' + content
+    turns.append((role, content))
+  if not turns:
+    raise ValueError('messages must contain at least one user message')
+  return turns
+
+
 class Tokenizer:
   """A Gemma SentencePiece tokenizer plus the chat format.
 
@@ -108,6 +144,16 @@ class Tokenizer:
     """Number of pieces (ids are 0 .. vocab_size - 1)."""
     return self._sp.get_piece_size()
 
+  def check_fits(self, vocab_size: int, model: str, hint: str = '') -> None:
+    """Raises ValueError unless every id of this tokenizer is a row of a model's embedding of
+    `vocab_size` rows (`model` names it in the message; `hint` says what to do). The one
+    vocabulary check: the trainer, the converter and sample.py call it."""
+    if self.vocab_size > vocab_size:
+      raise ValueError(
+          f'{self.source}: vocabulary mismatch: the tokenizer has {self.vocab_size} pieces but '
+          f'the model has only {vocab_size} embedding rows ({model}): its ids would index past '
+          f'the embedding.{" " + hint if hint else ""}')
+
   def piece_to_id(self, piece: str) -> int:
     """Id of `piece`; ValueError if the vocabulary has no such piece."""
     return self._lookup(piece)
@@ -155,37 +201,6 @@ class Tokenizer:
 
   # Chat format.
 
-  def _turns(self, messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
-    """Validates `messages`, folds a leading system message into the first user turn."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-      raise TypeError('messages must be a list of {"role": ..., "content": ...} dicts')
-    turns, system = [], None
-    for k, msg in enumerate(messages):
-      if not isinstance(msg, Mapping) or 'role' not in msg or 'content' not in msg:
-        raise ValueError(f'messages[{k}] must be a dict with "role" and "content", got {msg!r}')
-      role, content = _ROLE_ALIASES.get(msg['role']), msg['content']
-      if role is None:
-        raise ValueError(f'messages[{k}] has role {msg["role"]!r}; expected one of '
-                         f'{sorted(_ROLE_ALIASES)}')
-      if not isinstance(content, str):
-        raise ValueError(f'messages[{k}]["content"] must be a str, got {type(content).__name__}')
-      if role == 'system':
-        if k != 0:
-          raise ValueError(f'messages[{k}]: a system message is only allowed first (Gemma has no '
-                           'system role; it is folded into the first user turn)')
-        system = content
-        continue
-      expected = 'user' if not turns or turns[-1][0] == 'model' else 'model'
-      if role != expected:
-        raise ValueError(f'messages[{k}] has role {msg["role"]!r} but {expected!r} was expected: '
-                         'the conversation must start with a user turn and alternate user/model')
-      if system is not None and not turns:
-        content = system + '\n\n' + content
-      turns.append((role, content))
-    if not turns:
-      raise ValueError('messages must contain at least one user message')
-    return turns
-
   def format_chat(self, messages: Sequence[Mapping[str, str]],
                   add_generation_prompt: bool = True) -> str:
     """The conversation as text in Gemma's control-token format (without `<bos>`).
@@ -197,7 +212,7 @@ class Tokenizer:
       (the last message must then be a user message).
     Contents are used verbatim (not stripped).
     """
-    turns = self._turns(messages)
+    turns = chat_turns(messages)
     if add_generation_prompt and turns[-1][0] != 'user':
       raise ValueError('add_generation_prompt=True needs the last message to be a user message')
     text = ''.join(f'{START_OF_TURN}{role}\n{content}{END_OF_TURN}\n' for role, content in turns)
@@ -206,8 +221,12 @@ class Tokenizer:
     return text
 
   def encode_chat(self, messages: Sequence[Mapping[str, str]],
-                  add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+                  add_generation_prompt: bool = False, add_bos: bool = True,
+                  ) -> tuple[list[int], list[bool]]:
     """Token ids of `format_chat(messages)` with `<bos>` first, and a loss mask.
+
+    The one encoding of a conversation: training data, exact-match prompts and `ChatSession`
+    turns all use it. `add_bos=False` encodes turns that continue a conversation already begun.
 
     Returns (ids, target_mask), equally long; target_mask is True exactly on the tokens of model
     turns' contents and on the `<end_of_turn>` closing each model turn. Turn headers, contents and
@@ -215,10 +234,10 @@ class Tokenizer:
     equals `encode(format_chat(...))` except where a content begins with a newline that would
     merge with the header's (e.g. `\\n` + `\\n` is the single token `\\n\\n`).
     """
-    turns = self._turns(messages)
+    turns = chat_turns(messages)
     if add_generation_prompt and turns[-1][0] != 'user':
       raise ValueError('add_generation_prompt=True needs the last message to be a user message')
-    ids, mask = [self.bos_id], [False]
+    ids, mask = ([self.bos_id], [False]) if add_bos else ([], [])
     newline = self._sp.encode('\n')
 
     def add(new_ids, target):

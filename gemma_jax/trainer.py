@@ -1,13 +1,16 @@
-"""SFT trainer: train state, loss, the jitted train and eval steps, and the training loop.
+"""SFT trainer: the loss, the jitted train and eval steps, and the training loop.
 
-The train state is a plain dict pytree, `{'step', 'params', 'opt_state', 'rng'}`: `params` is the
-model's `nnx.State` of `nnx.Param`s (float32 master weights), `opt_state` optax's state over it.
-`train_step(state, batch) -> (state, metrics)` is one pure function, jitted once with explicit
-shardings (from gemma_jax.sharding's rules table) and the state donated; gradient accumulation
-happens inside it (`distributed.accumulate_gradients`, a `lax.scan` over micro-batches), so k
-micro-batches are one k-times larger batch.
+`train_step(state, batch) -> (state, metrics)` is one pure function over the train state
+(gemma_jax.train_state), jitted once with explicit shardings (from gemma_jax.sharding's rules
+table) and the state donated; gradient accumulation happens inside it
+(`distributed.accumulate_gradients`, a `lax.scan` over micro-batches), so k micro-batches are one
+k-times larger batch. The steps enter their mesh and rules themselves while traced
+(`sharding.tracing_under`), so they are correct whoever traces them.
 
-`train(config, workdir)` runs the whole job; gemma_jax/train_setup.py lists every config key.
+`train(config, workdir)` runs the whole job as a short sequence of steps, each in the module that
+owns it: the config (train_config), the model and tokenizer (initial_weights), the train state
+(train_state), the data (data), checkpoints (checkpoint) and evaluation (evaluate).
+gemma_jax/train_config.py lists every config key.
 """
 
 from __future__ import annotations
@@ -16,25 +19,27 @@ import itertools
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gemma_jax import checkpoint
 from gemma_jax import distributed
+from gemma_jax import evaluate
+from gemma_jax import initial_weights
 from gemma_jax import metrics as metrics_lib
-from gemma_jax.loss import head_loss_sums, token_loss_sums
-from gemma_jax import optim
 from gemma_jax import sharding
+from gemma_jax import train_config
+from gemma_jax import train_state
+from gemma_jax.loss import head_loss_sums, token_loss_sums
+from gemma_jax.train_state import State, state_shardings
 
 if TYPE_CHECKING:
   import ml_collections
-
-State = dict[str, Any]
 Batch = Mapping[str, jax.Array]
 
 
@@ -81,13 +86,18 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   `grad_accum_steps` = k the batch's rows are split into k micro-batches (see
   `distributed.accumulate_gradients`; no row moves between devices) whose gradients are summed,
   each normalised by the whole batch's target count: the result equals the gradient of the full
-  batch up to float summation order. `mesh`/`rules` shard the accumulated gradients.
+  batch up to float summation order. `mesh`/`rules` (None: the defaults) shard the accumulated
+  gradients and the model's activations.
   `loss_chunk`: see `make_loss_fn`. A LoRA state's `frozen` base weights pass through unchanged.
   """
   grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest, loss_chunk), has_aux=True)
   k = grad_accum_steps
 
   def train_step(state, batch):
+    with sharding.tracing_under(mesh, rules):
+      return _train_step(state, batch)
+
+  def _train_step(state, batch):
     params, frozen = state['params'], state.get('frozen')
     num_targets = jnp.maximum(jnp.sum(batch['loss_mask'].astype(jnp.float32)), 1.0)
     if k == 1:
@@ -118,50 +128,25 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0,
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0, *,
+                   mesh: Mesh | None = None, rules: sharding.ShardingRules | None = None,
                    ) -> Callable[..., dict[str, jax.Array]]:
   """`eval_step(params, batch, frozen=None) -> {'loss_sum', 'correct_sum', 'count'}` (sum over
-  batches)."""
+  batches); `mesh`/`rules` constrain the model's activations as in the train step."""
   loss_fn = make_loss_fn(graphdef, rest, loss_chunk)
 
   def eval_step(params, batch, frozen=None):
-    loss_sum, correct_sum = loss_fn(params, batch, 1.0, frozen)
+    with sharding.tracing_under(mesh, rules):
+      loss_sum, correct_sum = loss_fn(params, batch, 1.0, frozen)
     return {'loss_sum': loss_sum, 'correct_sum': correct_sum,
             'count': jnp.sum(batch['loss_mask'].astype(jnp.float32))}
 
   return eval_step
 
 
-def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int,
-               frozen: nnx.State | None = None) -> State:
-  """A fresh train state at step 0 around `params` (the trained ones); `frozen`: a LoRA model's
-  base weights, carried in the state but neither optimised nor checkpointed."""
-  state = {
-      'step': jnp.zeros((), jnp.int32),
-      'params': params,
-      'opt_state': tx.init(params),
-      'rng': jax.random.PRNGKey(seed),
-  }
-  if frozen is not None:
-    state['frozen'] = frozen
-  return state
-
-
-# ---------------------------------------------------------------------------------------------
-# Shardings: gemma_jax.sharding's rules table decides them; the step states them explicitly.
-
-
-def state_shardings(mesh: Mesh, abstract_state: State,
-                    rules: sharding.ShardingRules | None = None) -> State:
-  """NamedSharding of every leaf of the train state: params and their optimiser moments by their
-  logical axes (FSDP / tensor parallel per the rules), step, rng and counters replicated."""
-  return sharding.param_shardings(abstract_state, mesh, rules)
-
-
 def jit_train_step(train_step, mesh: Mesh, abstract_state: State,
                    rules: sharding.ShardingRules | None = None):
-  """jax.jit with explicit in/out shardings and the state donated (call it under
-  `sharding.use_mesh(mesh, rules)` so the model's activation constraints apply)."""
+  """jax.jit with explicit in/out shardings (the state's by the rules) and the state donated."""
   s_shard = state_shardings(mesh, abstract_state, rules)
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(s_shard, distributed.batch_sharding(mesh, rules)),
@@ -183,20 +168,6 @@ def _check_finite(step: int, metrics: Mapping[str, float], manager) -> None:
       f'learning_rate, optimizer.clip_norm, a longer optimizer.warmup_steps, or float32 compute.')
 
 
-def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh,
-             rules: sharding.ShardingRules, frozen: nnx.State | None = None) -> dict[str, float]:
-  """Mean held-out loss and token accuracy over the target tokens of `batches`."""
-  totals = None
-  for batch in batches:
-    out = eval_step(params, distributed.put_batch(batch, mesh, rules), frozen)
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  if totals is None:
-    return {}
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {'loss': float(totals['loss_sum']) / count, 'accuracy': float(totals['correct_sum']) / count}
-
-
 def _say(text: str) -> None:
   """Progress output, from the main process only."""
   if distributed.is_main_process():
@@ -209,123 +180,124 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns {'train': last step's metrics, 'eval': last held-out metrics (and exact match before
   and after when configured), 'export_dir': the params-only checkpoint for sample.py}.
   """
-  # Imported here: the steps above need no input pipeline (grain), e.g. in bench/train_bench.py.
-  from gemma_jax import train_setup  # pylint: disable=g-import-not-at-top
-  train_setup.validate_config(config)
+  train_config.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.ShardingRules.from_config(config.sharding_rules)
-  manager = train_setup.checkpoint_manager(workdir, config)
+  manager = checkpoint.checkpoint_manager(workdir, config.keep_checkpoints)
   resume_step = manager.latest_step()
 
-  mc, tokenizer = train_setup.model_and_tokenizer(config, workdir, resume=resume_step is not None)
-  graphdef, abs_params, abs_frozen, rest = train_setup.split_model(
-      train_setup.abstract_model(mc, config), config)
-  tx, schedule = optim.make_optimizer(config)
-  abstract_state = jax.eval_shape(lambda p, f: init_state(p, tx, config.seed, f), abs_params,
-                                  abs_frozen)
-  s_shard = state_shardings(mesh, abstract_state, rules)
-  train_iter = iter(train_setup.make_dataset(config, tokenizer, split='train'))
-  held_out = train_setup.exact_match_examples(config)
+  mc, tokenizer = initial_weights.model_and_tokenizer(config, workdir,
+                                                      resume=resume_step is not None)
+  plan = train_state.plan_train_state(mc, config, mesh, rules)
+  train_iter = iter(_dataset(config, tokenizer, 'train'))
+  held_out = evaluate.exact_match_examples(config)
   if held_out and jax.process_count() > 1:
     _say('Exact-match evaluation skipped: the Sampler runs in one process, and this job has '
          f'{jax.process_count()}. Sample from WORKDIR/final afterwards.')
     held_out = []
 
-  with sharding.use_mesh(mesh, rules):
-    if resume_step is None:
-      params, frozen = train_setup.initial_train_params(mc, config, s_shard)
-      state = jax.jit(lambda p, f: init_state(p, tx, config.seed, f), out_shardings=s_shard)(
-          params, frozen)
-      del params, frozen  # the state holds them now
-      _say(f'Starting at step 0 of {config.steps} in {workdir}.')
-    else:
-      state, data_state = train_setup.restore(manager, resume_step, abstract_state, s_shard)
-      if abs_frozen is not None:  # a LoRA job's base weights are read again, not checkpointed
-        state['frozen'] = train_setup.initial_params(mc, config, s_shard['frozen'])
-      train_iter.set_state(data_state)
-      _say(f'Resuming from the checkpoint at step {resume_step} in {workdir}.')
-    if abs_frozen is not None:
-      _say(train_setup.describe_lora(config, abs_params, abs_frozen))
+  if resume_step is None:
+    state = train_state.create_train_state(plan, mc, config)
+    _say(f'Starting at step 0 of {config.steps} in {workdir}.')
+  else:
+    state, data_state = train_state.resume_train_state(plan, manager, resume_step, mc, config)
+    train_iter.set_state(data_state)
+    _say(f'Resuming from the checkpoint at step {resume_step} in {workdir}.')
+  if plan.lora:
+    _say(f'LoRA rank {config.lora.rank}, alpha {config.lora.alpha:g}. {plan.describe_lora()}')
 
-    step_fn = jit_train_step(
-        make_train_step(graphdef, rest, tx, schedule, mesh=mesh, rules=rules,
-                        grad_accum_steps=config.optimizer.grad_accum_steps,
-                        loss_chunk=config.loss_chunk),
-        mesh, abstract_state, rules)
-    eval_fn = jax.jit(make_eval_step(graphdef, rest, config.loss_chunk))
-    start = int(jax.device_get(state['step']))
-    writer = metrics_lib.MetricsWriter(workdir, config.steps, start,
-                                       tokens_per_step=config.batch_size * config.seq_len,
-                                       enabled=distributed.is_main_process())
+  graphdef, rest = plan.graphdef, plan.rest
+  step_fn = jit_train_step(
+      make_train_step(graphdef, rest, plan.tx, plan.schedule, mesh=mesh, rules=rules,
+                      grad_accum_steps=config.optimizer.grad_accum_steps,
+                      loss_chunk=config.loss_chunk),
+      mesh, plan.abstract, rules)
+  eval_fn = jax.jit(make_eval_step(graphdef, rest, config.loss_chunk, mesh=mesh, rules=rules))
+  start = int(jax.device_get(state['step']))
+  writer = metrics_lib.MetricsWriter(workdir, config.steps, start,
+                                     tokens_per_step=config.batch_size * config.seq_len,
+                                     enabled=distributed.is_main_process())
 
-    def run_eval(step: int) -> dict[str, float]:
-      batches = iter(train_setup.make_dataset(config, tokenizer, split='eval'))
-      result = evaluate(eval_fn, state['params'], itertools.islice(batches, config.eval_batches),
-                        mesh, rules, state.get('frozen'))
-      if result:
-        _say(writer.log_eval(step, result))
-      return result
+  def model_of(state):
+    return nnx.merge(graphdef, state['params'], *([state['frozen']] if plan.lora else []), rest)
 
-    def run_exact_match(step: int, label: str) -> float:
-      model = nnx.merge(graphdef, state['params'],
-                        *([state['frozen']] if 'frozen' in state else []), rest)
-      result = metrics_lib.exact_match_eval(model, tokenizer, held_out,
-                                            config.exact_match.max_new_tokens)
-      writer.log_eval(step, {'exact_match': result['exact_match']})
-      _say(f'Exact match on {len(held_out)} held-out examples {label}: '
-           f'{100 * result["exact_match"]:.1f}%')
-      for prompt, prediction, reference in result['samples'][:3]:
-        _say(f'  {prompt!r} -> {prediction!r} (reference {reference!r})')
-      return result['exact_match']
+  def run_eval(step: int) -> dict[str, float]:
+    batches = iter(_dataset(config, tokenizer, 'eval'))
+    result = evaluate.held_out_loss(eval_fn, state['params'],
+                                    itertools.islice(batches, config.eval_batches), mesh, rules,
+                                    state.get('frozen'))
+    if result:
+      _say(writer.log_eval(step, result))
+    return result
 
-    if held_out and start == 0:
-      run_exact_match(0, 'before training')
+  def run_exact_match(step: int, label: str) -> float:
+    result = evaluate.exact_match_eval(model_of(state), tokenizer, held_out,
+                                       config.exact_match.max_new_tokens)
+    writer.log_eval(step, {'exact_match': result['exact_match']})
+    _say(f'Exact match on {len(held_out)} held-out examples {label}: '
+         f'{100 * result["exact_match"]:.1f}%')
+    for prompt, prediction, reference in result['samples'][:3]:
+      _say(f'  {prompt!r} -> {prediction!r} (reference {reference!r})')
+    return result['exact_match']
 
-    pending = None  # (step, device metrics) of the previous step, read after the next dispatch
-    last, last_eval = {}, {}
-    t0 = time.time()
-    try:
-      for step in range(start + 1, config.steps + 1):
-        state, step_metrics = step_fn(state, distributed.put_batch(next(train_iter), mesh, rules))
-        if step == start + 1:
-          jax.block_until_ready(step_metrics)
-          _say(f'First step compiled and ran in {time.time() - t0:.1f}s.')
-          writer.mark_start(step)
-        if pending is not None:
-          last = _read_metrics(writer, manager, config, *pending)
-        pending = (step, step_metrics)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-          # Never checkpoint a state whose step went non-finite: check it before saving.
-          last = _read_metrics(writer, manager, config, *pending)
-          pending = None
-          train_setup.save(manager, step, state, train_iter.get_state(), config)
-          writer.mark_start(step)  # tokens/s and ETA count training steps only
-        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-          last_eval = run_eval(step)
-          writer.mark_start(step)
+  if held_out and start == 0:
+    run_exact_match(0, 'before training')
+
+  pending = None  # (step, device metrics) of the previous step, read after the next dispatch
+  last, last_eval = {}, {}
+  t0 = time.time()
+  try:
+    for step in range(start + 1, config.steps + 1):
+      state, step_metrics = step_fn(state, distributed.put_batch(next(train_iter), mesh, rules))
+      if step == start + 1:
+        jax.block_until_ready(step_metrics)
+        _say(f'First step compiled and ran in {time.time() - t0:.1f}s.')
+        writer.mark_start(step)
       if pending is not None:
         last = _read_metrics(writer, manager, config, *pending)
-    finally:
-      manager.wait_until_finished()
-    stats = train_iter.stats
-    _say(f'Data: {stats["examples"]} examples read, {stats["truncated"]} truncated and '
-         f'{stats["dropped"]} dropped for exceeding seq_len={config.seq_len} '
-         f'(data.truncate={config.data.truncate!r}).')
+      pending = (step, step_metrics)
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        # Never checkpoint a state whose step went non-finite: check it before saving.
+        last = _read_metrics(writer, manager, config, *pending)
+        pending = None
+        checkpoint.save_train_state(manager, step, state, train_iter.get_state(),
+                                    config.to_dict())
+        writer.mark_start(step)  # tokens/s and ETA count training steps only
+      if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        last_eval = run_eval(step)
+        writer.mark_start(step)
+    if pending is not None:
+      last = _read_metrics(writer, manager, config, *pending)
+  finally:
+    manager.wait_until_finished()
+  stats = train_iter.stats
+  _say(f'Data: {stats["examples"]} examples read, {stats["truncated"]} truncated and '
+       f'{stats["dropped"]} dropped for exceeding seq_len={config.seq_len} '
+       f'(data.truncate={config.data.truncate!r}).')
 
-    if held_out:
-      before = metrics_lib.read_metric(workdir, 'eval_exact_match', step=0)
-      after = run_exact_match(config.steps, 'after training')
-      last_eval['exact_match_before'], last_eval['exact_match'] = before, after
-      _say(f'Exact match before -> after training: {100 * before:.1f}% -> {100 * after:.1f}%')
-    writer.close()
-    if distributed.is_main_process():
-      metrics_lib.plot_loss_curve(workdir)
-    export_dir = train_setup.export_params(graphdef, state['params'], rest, tokenizer, workdir,
-                                           frozen=state.get('frozen'))
+  if held_out:
+    before = metrics_lib.read_metric(workdir, 'eval_exact_match', step=0)
+    after = run_exact_match(config.steps, 'after training')
+    last_eval['exact_match_before'], last_eval['exact_match'] = before, after
+    _say(f'Exact match before -> after training: {100 * before:.1f}% -> {100 * after:.1f}%')
+  writer.close()
+  if distributed.is_main_process():
+    metrics_lib.plot_loss_curve(workdir)
+  export_dir = checkpoint.export_params(model_of(state), workdir, tokenizer)
   manager.close()
   _say(f'Done: final params for sample.py in {export_dir}')
   return {'train': last, 'eval': last_eval, 'export_dir': export_dir}
+
+
+def _dataset(config: ml_collections.ConfigDict, tokenizer, split: str):
+  """The job's data pipeline for `split`; config errors found while opening it are ConfigErrors."""
+  # Imported here: the steps above need no input pipeline (grain), e.g. in bench/train_bench.py.
+  from gemma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  try:
+    return data_lib.job_dataset(config, tokenizer, split=split)
+  except ValueError as e:
+    raise train_config.ConfigError(str(e)) from e
 
 
 def _read_metrics(writer, manager, config, step, device_metrics) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,8 @@ from flax import nnx
 
 from gemma_jax.attention import Attention, init_layer_cache
 from gemma_jax.config import ModelConfig
-from gemma_jax.layers import FEW_ROWS, RMSNorm, fan_in_normal, param, soft_cap, with_lora
+from gemma_jax.layers import (FEW_ROWS, RMSNorm, fan_in_normal, param, param_name, soft_cap,
+                              with_lora)
 from gemma_jax.sharding import constrain
 
 Cache = dict[str, Any]  # {'end_index': int32 scalar, 'layers': [layer cache, ...]}
@@ -79,12 +80,13 @@ class FeedForward(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm residual block: attention then feed-forward, each optionally post-normed."""
 
-  def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+               attention: str = 'auto'):
     c = config
     kw = dict(eps=c.rms_norm_eps, param_dtype=param_dtype)
     self.pre_attention_norm = RMSNorm(c.embed_dim, 'embed', **kw)
     self.attn = Attention(c, c.attention_types[layer], rngs=rngs, dtype=dtype,
-                          param_dtype=param_dtype)
+                          param_dtype=param_dtype, impl=attention)
     if c.use_post_attn_norm:
       self.post_attention_norm = RMSNorm(c.embed_dim, 'embed', **kw)
     self.pre_ffw_norm = RMSNorm(c.embed_dim, 'embed', **kw)
@@ -109,11 +111,12 @@ class Transformer(nnx.Module):
 
   `dtype` is the compute dtype; `param_dtype` the storage dtype of parameters. Norms, softmax,
   soft-caps and the returned logits are float32. `remat` is one of REMAT_POLICIES: what each block
-  saves for the backward pass ('none' saves everything).
+  saves for the backward pass ('none' saves everything). `attention`: the kernel of uncached
+  forwards, one of attention.ATTENTION_IMPLS ('auto': cuDNN flash attention where it applies).
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: str = 'none'):
+               param_dtype=jnp.float32, remat: str = 'none', attention: str = 'auto'):
     if remat not in REMAT_POLICIES:
       raise ValueError(f'Unknown remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}.')
     self.config = config
@@ -121,7 +124,8 @@ class Transformer(nnx.Module):
     self.remat = remat
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.embedder = Embedder(config, **kw)
-    self.layers = nnx.List([Block(config, i, **kw) for i in range(config.num_layers)])
+    self.layers = nnx.List([Block(config, i, attention=attention, **kw)
+                            for i in range(config.num_layers)])
     self.final_norm = RMSNorm(config.embed_dim, 'embed', eps=config.rms_norm_eps,
                               param_dtype=param_dtype)
 
@@ -184,47 +188,77 @@ def count_params(model_or_state) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(state))
 
 
-def param_name(path: tuple) -> str:
-  """('layers', 0, 'attn', 'q_einsum', 'w') -> 'layers.0.attn.q_einsum.w'."""
-  return '.'.join(str(p) for p in path)
-
-
 def flat_params(model: Transformer) -> dict[str, jax.Array]:
   """Parameters by dotted name, e.g. {'layers.0.attn.q_einsum.w': array, ...}."""
   return {param_name(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def model_from_params(config: ModelConfig, params: dict[str, Any], *, dtype=jnp.float32,
-                      param_dtype=None, remat: str = 'none', source: str = 'params',
-                      shardings: dict[str, jax.sharding.Sharding] | None = None) -> Transformer:
-  """Builds a Transformer from arrays keyed by dotted name (see `flat_params`), without random init.
+def shardings_by_name(shardings: Any, names: list[str]) -> dict[str, jax.sharding.Sharding] | None:
+  """`shardings` (None, one Sharding for all, a dict by dotted name, or an nnx.State shaped like
+  `nnx.state(model, nnx.Param)` with Sharding leaves) as {dotted name: Sharding}, or None."""
+  if shardings is None:
+    return None
+  if isinstance(shardings, jax.sharding.Sharding):
+    return {n: shardings for n in names}
+  if isinstance(shardings, nnx.State):
+    shardings = {param_name(p): (v.get_value() if isinstance(v, nnx.Variable) else v)
+                 for p, v in nnx.to_flat_state(shardings)}
+  missing = [n for n in names if n not in shardings]
+  if missing:
+    raise ValueError(f'shardings has no entry for parameters {missing[:5]}.')
+  return {n: shardings[n] for n in names}
 
-  Every expected name must be present with exactly the expected shape, and nothing else may be:
-  errors name `source` (a file or directory) and the offending key. `shardings` (by dotted name,
-  e.g. from `sharding.param_shardings`) places each array straight onto its devices, so a model
-  never materialises whole on one device.
-  """
-  param_dtype = param_dtype or dtype
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                param_dtype=param_dtype, remat=remat))
-  graphdef, state = nnx.split(abstract)
-  flat = nnx.to_flat_state(state)
-  expected = {param_name(p) for p, v in flat if isinstance(v, nnx.Param)}
-  unexpected = sorted(set(params) - expected)
+
+def check_param_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]],
+                       source: str = 'params') -> None:
+  """Raises ValueError naming `source` and the key unless `shapes` (by dotted name) are exactly
+  the parameters of a `config` model: none missing, none unexpected, every shape equal."""
+  _check_shapes(config, _abstract_params(config)[2], shapes, source)
+
+
+def _check_shapes(config, abstract: Mapping[str, nnx.Param], shapes, source) -> None:
+  expected = {name: tuple(var.shape) for name, var in abstract.items()}
+  unexpected = sorted(set(shapes) - set(expected))
   if unexpected:
     raise ValueError(f'{source}: unexpected parameters {unexpected[:5]} for model {config.name!r}.')
-  for path, var in flat:
-    if not isinstance(var, nnx.Param):
-      continue
-    name = param_name(path)
-    if name not in params:
-      raise ValueError(f'{source}: missing parameter {name!r} (expected shape {var.shape}).')
+  for name, shape in expected.items():
+    if name not in shapes:
+      raise ValueError(f'{source}: missing parameter {name!r} (expected shape {shape}).')
+    if tuple(shapes[name]) != shape:
+      raise ValueError(f'{source}: parameter {name!r} has shape {tuple(shapes[name])}, '
+                       f'expected {shape} for model {config.name!r}.')
+
+
+def _abstract_params(config: ModelConfig, **kwargs):
+  """(graphdef, flat state, {dotted name: abstract Param}) of a `config` model, no allocation."""
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), **kwargs))
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  return graphdef, flat, {param_name(p): v for p, v in flat if isinstance(v, nnx.Param)}
+
+
+def model_from_params(config: ModelConfig, params: Mapping[str, Any], *, dtype=jnp.float32,
+                      param_dtype=None, remat: str = 'none', attention: str = 'auto',
+                      source: str = 'params', shardings: Any = None) -> Transformer:
+  """Builds a Transformer from arrays keyed by dotted name (see `flat_params`), without random
+  init: the one way every importer and checkpoint reader makes a model.
+
+  Every expected name must be present with exactly the expected shape, and nothing else may be
+  (`check_param_shapes`: errors name `source`, a file or directory, and the offending key).
+  Arrays are stored in `param_dtype` (default `dtype`). `shardings` (see `shardings_by_name`,
+  e.g. from `sharding.param_shardings`) places each array straight onto its devices, so a model
+  never materialises whole on one device; without it arrays go to the default device.
+  """
+  param_dtype = param_dtype or dtype
+  graphdef, flat, expected = _abstract_params(config, dtype=dtype, param_dtype=param_dtype,
+                                              remat=remat, attention=attention)
+  _check_shapes(config, expected, {k: np.shape(v) for k, v in params.items()}, source)
+  placement = shardings_by_name(shardings, list(expected))
+  for name, var in expected.items():
     value = params[name]
-    if tuple(value.shape) != tuple(var.shape):
-      raise ValueError(f'{source}: parameter {name!r} has shape {tuple(value.shape)}, '
-                       f'expected {tuple(var.shape)} for model {config.name!r}.')
-    if shardings is not None:
-      var.set_value(jax.device_put(np.asarray(value).astype(param_dtype), shardings[name]))
-    else:
+    if placement is None:
       var.set_value(jnp.asarray(value, param_dtype))
+    else:  # numpy stays on the host until placed; a placed jax.Array is not moved again
+      value = value if isinstance(value, jax.Array) else np.asarray(value)
+      var.set_value(jax.device_put(value.astype(param_dtype), placement[name]))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -221,9 +221,6 @@ def test_create_sharded_model_is_sharded_and_equals_plain_init():
   assert q.addressable_shards[0].data.shape == (2, 32, 16)
   want = jax.jit(lambda: nnx.state(make_model()))()  # same program, one device
   assert_trees_close(state, want, rtol=0)
-  # shard_model places an existing model the same way.
-  placed = nnx.state(sh.shard_model(make_model(), mesh))
-  assert placed['layers'][0]['attn']['q_einsum']['w'].get_value().sharding.spec == q.sharding.spec
 
 
 def test_make_mesh_on_8_devices():
@@ -412,7 +409,7 @@ def test_lora_train_steps_on_a_mesh_equal_single_device():
   """LoRA (gemma_jax.lora): adapters trained, base frozen, through the trainer's own jitted step
   with its shardings on (2,2,2) and (1,2,4), with 2 micro-batches and the head-fused loss: the
   same losses and adapters as one device."""
-  from gemma_jax import lora, trainer
+  from gemma_jax import lora, train_state, trainer
   model = make_model()
   lora.add_lora(model, rank=2, alpha=4.0)
   graphdef, params, frozen, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
@@ -422,13 +419,13 @@ def test_lora_train_steps_on_a_mesh_equal_single_device():
   def run(mesh):
     step = trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-2),
                                    grad_accum_steps=2, loss_chunk=8, mesh=mesh)
-    state = trainer.init_state(params, tx, 0, frozen)
+    state = train_state.init_state(params, tx, 0, frozen)
     abstract = jax.eval_shape(lambda: state)
     if mesh is None:
       fn = jax.jit(step)
     else:
       fn = trainer.jit_train_step(step, mesh, abstract)
-      state = jax.device_put(state, trainer.state_shardings(mesh, abstract))
+      state = jax.device_put(state, train_state.state_shardings(mesh, abstract))
     losses = []
     with sh.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       for b in batches:
@@ -442,3 +439,30 @@ def test_lora_train_steps_on_a_mesh_equal_single_device():
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     assert_trees_close(got['params'], want['params'], rtol=1e-5)
     assert_trees_close(got['frozen'], frozen, rtol=0)
+
+
+def test_train_and_eval_steps_constrain_whoever_traces_them():
+  """The trainer's steps enter their mesh and rules themselves: traced outside `use_mesh` they
+  lower to the same program, activation constraints included, as traced inside it."""
+  from gemma_jax import train_state, trainer
+  graphdef, params, rest = nnx.split(make_model(), nnx.Param, ...)
+  tx = optax.adamw(1e-3)
+  mesh = sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  rules = sh.ShardingRules(mlp=None)  # not the defaults: the step must carry its own rules
+  abstract = jax.eval_shape(lambda: train_state.init_state(params, tx, 0))
+  batch = jax.eval_shape(lambda: dist.put_batch(make_batch(), mesh))
+  train = trainer.jit_train_step(
+      trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-3), mesh=mesh,
+                              rules=rules), mesh, abstract, rules)
+  evaluate = jax.jit(trainer.make_eval_step(graphdef, rest, mesh=mesh, rules=rules))
+  constraints = lambda fn, args: [l.split('=', 1)[1] for l in fn.lower(*args).as_text().splitlines()
+                                  if 'sdy.sharding_constraint' in l]
+  for fn, args in ((train, (abstract, batch)), (evaluate, (abstract['params'], batch))):
+    outside = constraints(fn, args)
+    with sh.use_mesh(mesh, sh.ShardingRules()):  # a caller's context with other rules
+      inside = constraints(fn, args)
+    assert outside == inside
+    assert len(outside) >= get_preset(PRESET).num_layers + 2
+  # Not vacuous: the bare loss function (no mesh of its own) is unconstrained outside use_mesh.
+  loss_fn = jax.jit(lambda p, b: trainer.make_loss_fn(graphdef, rest)(p, b, 1.0))
+  assert 'sdy.sharding_constraint' not in loss_fn.lower(abstract['params'], batch).as_text()

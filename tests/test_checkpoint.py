@@ -93,7 +93,7 @@ def test_config_params_mismatch(model, saved, tmp_path):
   os.symlink(saved / 'params', bad / 'params')
   config = model.config.replace(num_layers=5, attention_types=model.config.attention_types[:5])
   (bad / 'config.json').write_text(json.dumps(config.to_dict()))
-  with pytest.raises(ValueError, match=r"unexpected \['layers\.5\."):
+  with pytest.raises(ValueError, match=r"unexpected parameters \['layers\.5\."):
     checkpoint.load_params(bad)
 
 

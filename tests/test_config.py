@@ -74,3 +74,26 @@ def test_unsupported_hf_config_is_a_clear_error():
   del bad['hidden_size']
   with pytest.raises(ValueError, match="missing key 'hidden_size'"):
     config_from_hf(bad)
+
+
+def test_one_layer_pattern_rule_serves_presets_and_importers():
+  """config.layer_pattern is the rule: the presets follow it, and an HF config without
+  `layer_types` (older files) is read back with the same pattern for each generation."""
+  from gemma_jax.config import PATTERN_PERIOD, AttentionType, layer_pattern
+  G, LO = AttentionType.GLOBAL, AttentionType.LOCAL
+  assert layer_pattern(4, 1) == (G, G, G, G)
+  assert layer_pattern(4, 2) == (LO, G, LO, G)
+  assert layer_pattern(7, 6) == (LO,) * 5 + (G, LO)
+  with pytest.raises(ValueError, match='period'):
+    layer_pattern(4, 0)
+  for name in ('gemma1-2b', 'gemma2-9b', 'gemma3-1b', 'tiny-gemma3'):
+    config = get_preset(name)
+    assert config.attention_types == layer_pattern(config.num_layers,
+                                                   PATTERN_PERIOD[config.family])
+    hf = hf_config_from_config(config)
+    hf.pop('layer_types', None)
+    assert config_from_hf(hf).attention_types == config.attention_types, name
+  hf = hf_config_from_config(get_preset('tiny-gemma3'))
+  del hf['layer_types']
+  hf['sliding_window_pattern'] = 3
+  assert config_from_hf(hf).attention_types == layer_pattern(6, 3)

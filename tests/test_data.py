@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from gemma_jax import data
+from gemma_jax import data, evaluate
 from gemma_jax.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -283,13 +283,32 @@ def test_quickstart_data_is_reproducible_and_checkable(tmp_path, tok):
   train_prompts = {t['content'] for _, m in train_examples for t in m if t['role'] == 'user'}
   prompts, references = [], []
   for _, messages in eval_examples:
-    prompt, reference = data.split_prompt_reference(messages)
+    prompt, reference = evaluate.split_prompt_reference(messages)
     assert prompt[-1]['content'] not in train_prompts
     letters = prompt[-1]['content'].removeprefix(make_sft_data.PROMPT)
     assert make_sft_data.score(make_sft_data.reverse_letters(letters), reference)
     prompts.append(letters)
     references.append(reference)
-  assert data.exact_match(references, references) == 1.0
-  assert data.exact_match([' ' + r + ' ' for r in references], references) == 1.0
-  assert data.exact_match(prompts, references) < 0.2  # Palindromes only.
+  assert evaluate.exact_match(references, references) == 1.0
+  assert evaluate.exact_match([' ' + r + ' ' for r in references], references) == 1.0
+  assert evaluate.exact_match(prompts, references) < 0.2  # Palindromes only.
   assert not make_sft_data.score('a b', 'b a')
+
+
+@pytest.mark.parametrize('messages', [
+    [{'role': 'model', 'content': 'm'}],
+    [{'role': 'user', 'content': 'u'}, {'role': 'user', 'content': 'v'},
+     {'role': 'model', 'content': 'm'}],
+    [{'role': 'user', 'content': 'u'}, {'role': 'system', 'content': 's'},
+     {'role': 'model', 'content': 'm'}],
+    [{'role': 'tool', 'content': 't'}, {'role': 'model', 'content': 'm'}],
+])
+def test_training_data_and_chat_format_share_one_conversation_rule(messages):
+  """A conversation the chat format refuses is refused by the data pipeline with the same
+  message (one rule: tokenizer.chat_turns), prefixed by where the record is."""
+  from gemma_jax.tokenizer import chat_turns
+  with pytest.raises(ValueError) as chat_error:
+    chat_turns(messages)
+  with pytest.raises(ValueError) as data_error:
+    data.record_to_messages({'messages': messages}, data.DEFAULT_CONFIG, 'f.jsonl:9')
+  assert str(data_error.value) == f'f.jsonl:9: {chat_error.value}'

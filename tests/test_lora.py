@@ -14,7 +14,8 @@ import pytest
 import torch
 from flax import nnx
 
-from gemma_jax import checkpoint, lora, sharding, train_setup, trainer
+from gemma_jax import (checkpoint, data, evaluate, lora, sharding, train_config, train_state,
+                       trainer)
 from gemma_jax.config import get_preset
 from gemma_jax.convert import load_hf
 from gemma_jax.tokenizer import Tokenizer
@@ -139,8 +140,8 @@ def test_lora_config_errors_name_the_key(tmp_path):
                            ({'lora.rank': 2, 'lora.targets': 'nothing'},
                             r"config\.lora\.targets='nothing'"),
                            ({'lora.rank': 2, 'lora.targets': '(['}, r"config\.lora\.targets='\(\['")):
-    with pytest.raises(train_setup.ConfigError, match=match):
-      train_setup.validate_config(small_config(tmp_path, **overrides))
+    with pytest.raises(train_config.ConfigError, match=match):
+      train_config.validate_config(small_config(tmp_path, **overrides))
 
 
 def test_lora_step_trains_only_the_adapters():
@@ -157,7 +158,7 @@ def test_lora_step_trains_only_the_adapters():
            'positions': np.tile(np.arange(16, dtype=np.int32), (2, 1)),
            'segment_ids': np.ones((2, 16), np.int32)}
   step = jax.jit(trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-2)))
-  state = trainer.init_state(params, tx, 0, frozen)
+  state = train_state.init_state(params, tx, 0, frozen)
   new_state, metrics = step(state, batch)
   assert float(metrics['grad_norm']) > 0
   for a, b in zip(jax.tree.leaves(new_state['frozen']), jax.tree.leaves(frozen), strict=True):
@@ -196,10 +197,10 @@ def test_lora_job_checkpoints_adapters_only_resumes_and_exports_merged(tmp_path)
   assert not nnx.state(exported, nnx.LoRAParam)
   graphdef, params, rest = nnx.split(exported, nnx.Param, ...)
   mesh = sharding.make_mesh(c.mesh)
-  batches = train_setup.make_dataset(c, Tokenizer(checkpoint.tokenizer_path(full['export_dir'])),
-                                     split='eval')
-  with sharding.use_mesh(mesh):
-    merged = trainer.evaluate(jax.jit(trainer.make_eval_step(graphdef, rest)), params,
-                              itertools.islice(iter(batches), c.eval_batches), mesh, None)
+  batches = data.job_dataset(c, Tokenizer(checkpoint.tokenizer_path(full['export_dir'])),
+                             split='eval')
+  merged = evaluate.held_out_loss(jax.jit(trainer.make_eval_step(graphdef, rest, mesh=mesh)),
+                                  params, itertools.islice(iter(batches), c.eval_batches), mesh,
+                                  None)
   np.testing.assert_allclose(merged['loss'], full['eval']['loss'], rtol=1e-5)
   np.testing.assert_allclose(merged['accuracy'], full['eval']['accuracy'], rtol=1e-6)

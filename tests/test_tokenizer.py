@@ -406,3 +406,13 @@ def test_control_pieces_of_a_plain_model_match_in_text():
                      tok.piece_to_id('<unused1>')]
   assert ids[-1] == 5
   assert tok.decode(ids) == text
+
+
+def test_one_vocabulary_check(tok):
+  """Tokenizer.check_fits is the check the trainer, the converter and sample.py share: a tokenizer
+  fits a model whose embedding has at least as many rows as it has pieces."""
+  tok.check_fits(tok.vocab_size, 'model m')
+  tok.check_fits(tok.vocab_size + 5, 'model m')
+  with pytest.raises(ValueError, match=rf'{tok.vocab_size} pieces but the model has only '
+                                       rf'{tok.vocab_size - 1} embedding rows \(model m\).*Do X'):
+    tok.check_fits(tok.vocab_size - 1, 'model m', 'Do X.')

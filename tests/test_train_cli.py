@@ -66,7 +66,7 @@ def test_unknown_override_fails_before_any_work(tmp_path):
   result = _run(['train.py', f'--config={QUICKSTART}', f'--workdir={workdir}',
                  '--config.model.vocab_size=64'])
   assert result.returncode == 1
-  assert 'has 128 pieces but model' in result.stderr and 'Traceback' not in result.stderr
+  assert 'has 128 pieces but the model' in result.stderr and 'Traceback' not in result.stderr
 
 
 @pytest.fixture(scope='module')
@@ -92,13 +92,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, straight):
   args = _flags(QUICKSTART, workdir, overrides)
   killer = (
       'import os, runpy, signal, sys\n'
-      'from gemma_jax import train_setup\n'
-      'save = train_setup.save\n'
+      'from gemma_jax import checkpoint\n'
+      'save = checkpoint.save_train_state\n'
       'def save_then_die(manager, step, *a, **k):\n'
       '  save(manager, step, *a, **k)\n'
       '  if step == 6:\n'
       '    os.kill(os.getpid(), signal.SIGKILL)\n'
-      'train_setup.save = save_then_die\n'
+      'checkpoint.save_train_state = save_then_die\n'
       f'sys.argv = ["train.py"] + {args!r}\n'
       'runpy.run_path("train.py", run_name="__main__")\n')
   # The killed and the resumed process run the same programs: share their compilations.

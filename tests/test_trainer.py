@@ -12,7 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from gemma_jax import checkpoint, data, optim, sharding, train_setup, trainer
+from gemma_jax import (checkpoint, data, initial_weights, optim, sharding, train_config,
+                       train_state, trainer)
 from gemma_jax.config import get_preset
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.transformer import Transformer
@@ -39,7 +40,7 @@ def small_config(tmp_path, num_train=64, **overrides):
   train_path, eval_path = tmp_path / 'train.jsonl', tmp_path / 'eval.jsonl'
   train_path.write_text(''.join(_lines(TRAIN, num_train)))
   eval_path.write_text(''.join(_lines(EVAL, 8)))
-  c = train_setup.base_config()
+  c = train_config.base_config()
   c.steps, c.batch_size, c.seq_len, c.learning_rate = 8, 4, 32, 3e-3
   c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 1, 4, 2, 4
   c.model.preset, c.model.vocab_size, c.model.tokenizer = 'tiny-gemma1', V, TOKENIZER
@@ -161,7 +162,7 @@ def test_accumulation_equals_one_large_batch(tok):
   results = []
   for k in (1, 4):
     graphdef, params, rest = _split()
-    state = trainer.init_state(params, tx, 0)
+    state = train_state.init_state(params, tx, 0)
     step = jax.jit(trainer.make_train_step(graphdef, rest, tx, schedule, grad_accum_steps=k))
     new_state, metrics = step(state, batch)
     update = jax.tree.map(lambda a, b: a - b, new_state['params'], params)
@@ -183,7 +184,7 @@ def test_head_fused_loss_chunks_give_the_same_step(tok, name):
   for chunk, k in ((0, 1), (8, 1), (24, 1), (8, 2)):
     step = jax.jit(trainer.make_train_step(graphdef, rest, tx, schedule, grad_accum_steps=k,
                                            loss_chunk=chunk))
-    runs[chunk, k] = step(trainer.init_state(params, tx, 0), batch)
+    runs[chunk, k] = step(train_state.init_state(params, tx, 0), batch)
   want_state, want = runs.pop((0, 1))
   for state, metrics in runs.values():
     for key in ('loss', 'accuracy', 'grad_norm'):
@@ -198,35 +199,11 @@ def test_head_fused_loss_chunks_give_the_same_step(tok, name):
 # Optimiser pieces.
 
 
-def test_schedule_warmup_then_decay(tmp_path):
-  c = small_config(tmp_path, steps=100, learning_rate=1.0, **{'optimizer.warmup_steps': 10,
-                                                              'optimizer.min_lr_ratio': 0.1})
-  for decay, mid in (('cosine', 0.55), ('linear', 0.55), ('constant', 1.0)):
-    c.optimizer.decay = decay
-    s = optim.make_schedule(c)
-    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
-    assert float(s(10)) == pytest.approx(1.0)
-    assert float(s(55)) == pytest.approx(mid, abs=1e-6)
-    assert float(s(100)) == pytest.approx(0.1 if decay != 'constant' else 1.0)
-
-
-def test_weight_decay_mask_and_adafactor(tmp_path):
-  params = _split()[1]
-  mask = optim.decay_mask_fn('norm')(params)
-  flat = {optim.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
-  assert flat['layers/0/attn/q_einsum/w'] and flat['embedder/input_embedding']
-  assert not flat['layers/0/pre_attention_norm/scale'] and not flat['final_norm/scale']
-  c = small_config(tmp_path, **{'optimizer.name': 'adafactor', 'optimizer.weight_decay': 0.1})
-  tx, _ = optim.make_optimizer(c)
-  updates, _ = jax.jit(lambda p: tx.update(p, tx.init(p), p))(params)
-  assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
-
-
 def test_bfloat16_compute_keeps_float32_master_weights(tok):
   graphdef, params, rest = _split(dtype=jnp.bfloat16)
   tx = optax.adamw(1e-3)
   step = jax.jit(trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-3)))
-  state, metrics = step(trainer.init_state(params, tx, 0), _batches(tok, 1)[0])
+  state, metrics = step(train_state.init_state(params, tx, 0), _batches(tok, 1)[0])
   assert {x.dtype for x in jax.tree.leaves(state['params'])} == {jnp.dtype(jnp.float32)}
   assert np.isfinite(float(metrics['loss']))
 
@@ -270,19 +247,16 @@ def test_overfits_tiny_dataset_and_writes_outputs(tmp_path, monkeypatch):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['40', '80']
   assert os.path.isfile(os.path.join(workdir, 'final', 'tokenizer.model'))
   final = _final_params(workdir)
-  restored, _ = train_setup.restore(
-      train_setup.checkpoint_manager(workdir, c), 80, *_abstract_state(c, workdir))
+  restored, _ = checkpoint.restore_train_state(
+      checkpoint.checkpoint_manager(workdir, c.keep_checkpoints), 80, *_abstract_state(c, workdir))
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(restored['params']), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _abstract_state(c, workdir):
-  mc, _ = train_setup.model_and_tokenizer(c, workdir, resume=True)
-  _, abs_params, _ = nnx.split(train_setup.abstract_model(mc, c), nnx.Param, ...)
-  tx, _ = optim.make_optimizer(c)
-  abstract = jax.eval_shape(lambda p: trainer.init_state(p, tx, c.seed), abs_params)
-  mesh = sharding.make_mesh(c.mesh)
-  return abstract, trainer.state_shardings(mesh, abstract)
+  mc, _ = initial_weights.model_and_tokenizer(c, workdir, resume=True)
+  plan = train_state.plan_train_state(mc, c, sharding.make_mesh(c.mesh))
+  return plan.abstract, plan.shardings
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -294,14 +268,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     trainer.train(c, workdir)
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
   assert not os.path.exists(os.path.join(workdir, 'final'))
-  state, _ = train_setup.restore(train_setup.checkpoint_manager(workdir, c), 1,
-                                 *_abstract_state(c, workdir))
+  state, _ = checkpoint.restore_train_state(
+      checkpoint.checkpoint_manager(workdir, c.keep_checkpoints), 1, *_abstract_state(c, workdir))
   assert int(state['step']) == 1
 
 
 def test_vocab_mismatch_is_refused(tmp_path):
   c = small_config(tmp_path, **{'model.vocab_size': 64})
-  with pytest.raises(train_setup.ConfigError, match='128 pieces but model .* vocab_size 64'):
+  with pytest.raises(train_config.ConfigError, match='128 pieces but the model has only 64 embedding rows'):
     trainer.train(c, str(tmp_path / 'run'))
 
 
@@ -309,14 +283,14 @@ def test_unknown_and_bad_config_keys(tmp_path):
   c = small_config(tmp_path)
   c.unlock()
   c.optimizer.warmup = 3
-  with pytest.raises(train_setup.ConfigError, match=r"optimizer\.warmup"):
-    train_setup.validate_config(c)
+  with pytest.raises(train_config.ConfigError, match=r"optimizer\.warmup"):
+    train_config.validate_config(c)
   c = small_config(tmp_path, **{'optimizer.grad_accum_steps': 3})
-  with pytest.raises(train_setup.ConfigError, match='not a multiple'):
-    train_setup.validate_config(c)
+  with pytest.raises(train_config.ConfigError, match='not a multiple'):
+    train_config.validate_config(c)
   c = small_config(tmp_path, loss_chunk=-1)
-  with pytest.raises(train_setup.ConfigError, match=r'config\.loss_chunk=-1'):
-    train_setup.validate_config(c)
+  with pytest.raises(train_config.ConfigError, match=r'config\.loss_chunk=-1'):
+    train_config.validate_config(c)
 
 
 def test_one_adamw_step_matches_transformers_and_torch(tmp_path):
@@ -346,7 +320,7 @@ def test_one_adamw_step_matches_transformers_and_torch(tmp_path):
   tx, schedule = optim.make_optimizer(c)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   step = jax.jit(trainer.make_train_step(graphdef, rest, tx, schedule))
-  state, metrics = step(trainer.init_state(params, tx, 0), batch)
+  state, metrics = step(train_state.init_state(params, tx, 0), batch)
 
   logits = hf(torch.as_tensor(batch['tokens'], dtype=torch.long)).logits.float()
   m = torch.as_tensor(mask).bool()
@@ -394,11 +368,11 @@ def test_initial_weights_from_a_native_checkpoint(tmp_path):
   checkpoint.save_params(nnx.merge(graphdef, params, rest), ckpt, TOKENIZER)
   c = small_config(tmp_path, **{'model.init': 'native', 'model.init_path': ckpt,
                                 'model.tokenizer': '', 'model.vocab_size': 0})
-  train_setup.validate_config(c)
-  mc, tokenizer = train_setup.model_and_tokenizer(c, str(tmp_path / 'run'), resume=False)
+  train_config.validate_config(c)
+  mc, tokenizer = initial_weights.model_and_tokenizer(c, str(tmp_path / 'run'), resume=False)
   assert mc.vocab_size == V and tokenizer.vocab_size == V
   abstract, shardings = _abstract_state(c, str(tmp_path / 'run'))
-  loaded = train_setup.initial_params(mc, c, shardings['params'])
+  loaded = initial_weights.initial_params(mc, c, shardings['params'])
   for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -413,9 +387,9 @@ def test_shipped_configs_are_valid(name):
   c = module.get_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # this machine's devices
   if c.model.init != 'none' and not c.model.init_path:  # 2B/7B ask for the user's checkpoint
-    with pytest.raises(train_setup.ConfigError, match='init_path'):
-      train_setup.validate_config(c)
+    with pytest.raises(train_config.ConfigError, match='init_path'):
+      train_config.validate_config(c)
     c.model.init_path = '/path/to/checkpoint'
-  train_setup.validate_config(c)
-  model = train_setup.abstract_model(train_setup.model_config(c), c)
+  train_config.validate_config(c)
+  model = train_config.abstract_model(train_config.model_config(c), c)
   assert model.config.name == c.model.preset

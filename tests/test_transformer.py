@@ -116,3 +116,26 @@ def test_model_from_params_names_bad_keys():
 def test_unknown_remat_policy():
   with pytest.raises(ValueError, match='remat policy'):
     _model('tiny-gemma1', remat='most')
+
+
+def test_attention_kernel_comes_from_the_model_and_the_environment_at_call_time(monkeypatch):
+  """The kernel of uncached forwards is a constructor value (part of the graphdef); the
+  environment variable overrides it when a forward is traced, not when gemma_jax is imported."""
+  config = get_preset('tiny-gemma1')
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="Unknown attention kernel 'flash'"):
+    Transformer(config, rngs=nnx.Rngs(0), attention='flash')
+  model = Transformer(config, rngs=nnx.Rngs(0), attention='cudnn')
+  assert {block.attn.impl for block in model.layers} == {'cudnn'}
+  monkeypatch.delenv('GEMMA_JAX_ATTENTION', raising=False)
+  with pytest.raises(ValueError, match='cudnn needs a GPU'):  # this machine has none
+    model(tokens)
+  monkeypatch.setenv('GEMMA_JAX_ATTENTION', 'xla')  # set after import and construction
+  want, _ = Transformer(config, rngs=nnx.Rngs(0), attention='xla')(tokens)
+  np.testing.assert_array_equal(model(tokens)[0], want)
+  monkeypatch.setenv('GEMMA_JAX_ATTENTION', 'cudnn')
+  with pytest.raises(ValueError, match='cudnn needs a GPU'):
+    Transformer(config, rngs=nnx.Rngs(0))(tokens)
+  monkeypatch.setenv('GEMMA_JAX_ATTENTION', 'fast')
+  with pytest.raises(ValueError, match="GEMMA_JAX_ATTENTION='fast'"):
+    model(tokens)

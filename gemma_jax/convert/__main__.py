@@ -100,9 +100,8 @@ def _load(args):
     log.info('no tokenizer.model found; the checkpoint will have none (pass --tokenizer)')
     return model, None
   tokenizer = Tokenizer(path)
-  if tokenizer.vocab_size > model.config.vocab_size:
-    raise ValueError(f'{path}: vocabulary mismatch: the tokenizer has {tokenizer.vocab_size} '
-                     f'pieces but the model has only {model.config.vocab_size} embedding rows.')
+  tokenizer.check_fits(model.config.vocab_size, f'model {model.config.name!r} of {args.src}',
+                       'Pass the tokenizer of this model with --tokenizer.')
   return model, tokenizer
 
 

@@ -106,17 +106,17 @@ def _matching_preset(family: int, L: int, D: int, F: int, N: int, K: int, H: int
   return None
 
 
-def _attention_types(reader, path: str, arch: str, L: int, period: int):
+def _attention_types(reader, path: str, arch: str, L: int, family: int):
   """Per-layer attention: `{arch}.attention.sliding_window_pattern` when present (a period, or
-  one bool per layer, True = sliding), else llama.cpp's default for the arch: `period - 1` local
-  layers then one global (Gemma 2: 2, Gemma 3: 6)."""
+  one bool per layer, True = sliding), else the generation's period (`config.layer_pattern`, as
+  llama.cpp assumes: Gemma 2: 2, Gemma 3: 6)."""
   key = f'{arch}.attention.sliding_window_pattern'
-  pattern = _value(reader, key, period)
+  pattern = _value(reader, key, config_lib.PATTERN_PERIOD[family])
   if isinstance(pattern, list):
     if len(pattern) != L:
       raise ValueError(f'{path}: {key} has {len(pattern)} entries for {L} layers.')
     return tuple(LOCAL if sliding else GLOBAL for sliding in pattern)
-  return tuple(GLOBAL if (i + 1) % int(pattern) == 0 else LOCAL for i in range(L))
+  return config_lib.layer_pattern(L, int(pattern))
 
 
 def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
@@ -148,9 +148,10 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
                 max_seq_len=get('context_length', 8192),
                 rope_base_global=float(get('rope.freq_base', 10_000.0)))
   if family == 1:
-    cfg = dict(attention_types=(GLOBAL,) * L, rope_base_local=common['rope_base_global'])
+    cfg = dict(attention_types=config_lib.layer_pattern(L, config_lib.PATTERN_PERIOD[1]),
+               rope_base_local=common['rope_base_global'])
   elif family == 2:
-    cfg = dict(attention_types=_attention_types(reader, path, arch, L, period=2),
+    cfg = dict(attention_types=_attention_types(reader, path, arch, L, family),
                rope_base_local=common['rope_base_global'],
                sliding_window=get('attention.sliding_window', 4096),
                attn_logits_soft_cap=get('attn_logit_softcapping', 50.0),
@@ -159,7 +160,7 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
                use_post_attn_norm=True, use_post_ffw_norm=True)
   else:
     scaling = get('rope.scaling.type', 'none', required=False)
-    cfg = dict(attention_types=_attention_types(reader, path, arch, L, period=6),
+    cfg = dict(attention_types=_attention_types(reader, path, arch, L, family),
                sliding_window=get('attention.sliding_window',
                                   preset.sliding_window if preset else None),
                query_pre_attn_scalar=preset.query_pre_attn_scalar if preset else H,
@@ -201,13 +202,14 @@ def hf_tensors_from_gguf(reader, path: str, config: ModelConfig) -> dict[str, np
   return tensors
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None):
+def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardings=None):
   """Loads a llama.cpp GGUF file (Gemma 1/2/3) as `(Transformer, Tokenizer)`.
 
-  Quantised tensors are dequantised to float32, then stored in `param_dtype` (default: `dtype`,
-  the compute dtype). Raises ValueError naming the file for a file that is not GGUF, a truncated
-  file, an architecture other than gemma/gemma2/gemma3, or a tokenizer whose vocabulary size
-  differs from the embedding's.
+  Quantised tensors are dequantised to float32 on the host, then stored in `param_dtype` (default:
+  `dtype`, the compute dtype), each placed on its sharding when `shardings` is given (see
+  `transformer.model_from_params`). Raises ValueError naming the file for a file that is not
+  GGUF, a truncated file, an architecture other than gemma/gemma2/gemma3, or a tokenizer whose
+  vocabulary size differs from the embedding's.
   """
   from gemma_jax.convert.gguf_tokenizer import sentencepiece_model_from_gguf
   from gemma_jax.convert.hf import model_from_hf_tensors
@@ -224,10 +226,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None):
   log.info('%s: %s (%d layers, D=%d, V=%d)', os.path.basename(path), config.name,
            config.num_layers, config.embed_dim, config.vocab_size)
   tokenizer = Tokenizer(sentencepiece_model_from_gguf(reader), source=path)
-  if tokenizer.vocab_size != config.vocab_size:
-    raise ValueError(f'{path}: vocabulary mismatch: the tokenizer has {tokenizer.vocab_size} '
-                     f'pieces but the model has {config.vocab_size} embedding rows.')
   tensors = hf_tensors_from_gguf(reader, path, config)
   model = model_from_hf_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype or dtype,
-                                source=path)
+                                source=path, shardings=shardings)
   return model, tokenizer

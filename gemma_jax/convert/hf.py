@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_jax.config import AttentionType, ModelConfig
+from gemma_jax.config import PATTERN_PERIOD, AttentionType, ModelConfig, layer_pattern
 from gemma_jax.transformer import Transformer, flat_params, model_from_params
 
 ARCHITECTURES = {'GemmaForCausalLM': 1, 'Gemma2ForCausalLM': 2, 'Gemma3ForCausalLM': 3}
@@ -55,17 +55,16 @@ def config_from_hf(hf: Mapping[str, Any], source: str = 'config.json') -> ModelC
     raise ValueError(f'{source}: hidden activation {act!r} is not supported (gelu_pytorch_tanh).')
   num_layers = int(need('num_hidden_layers'))
   layer_types = hf.get('layer_types')
-  if layer_types is None:
-    if family == 1:
-      layer_types = ['full_attention'] * num_layers
-    else:
-      period = 2 if family == 2 else int(hf.get('sliding_window_pattern', 6))
-      layer_types = ['full_attention' if (i + 1) % period == 0 else 'sliding_attention'
-                     for i in range(num_layers)]
-  unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
-  if unknown:
-    raise ValueError(f'{source}: unknown layer_types {unknown}.')
-  attention_types = tuple(_LAYER_TYPES[t] for t in layer_types)
+  if layer_types is None:  # older files: the generation's pattern (Gemma 3: its period)
+    period = PATTERN_PERIOD[family]
+    if family == 3:
+      period = int(hf.get('sliding_window_pattern', period))
+    attention_types = layer_pattern(num_layers, period)
+  else:
+    unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
+    if unknown:
+      raise ValueError(f'{source}: unknown layer_types {unknown}.')
+    attention_types = tuple(_LAYER_TYPES[t] for t in layer_types)
 
   # transformers >= 5 keeps RoPE in `rope_parameters` (per layer type for Gemma 3); older files
   # carry rope_theta / rope_local_base_freq / rope_scaling.
@@ -159,7 +158,7 @@ def _ident(x):
 def _layout(config: ModelConfig) -> list[_Entry]:
   """Every single-tensor correspondence between HF names and ours."""
   c = config
-  N, K, D, H = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
+  N, D, H = c.num_heads, c.embed_dim, c.head_dim
   entries: list[_Entry] = [
       ('model.embed_tokens.weight', 'embedder.input_embedding', _ident, _ident),
       ('model.norm.weight', 'final_norm.scale', _ident, _ident),
@@ -286,7 +285,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, param_dtype=None,
             remat: str = 'none', shardings=None) -> Transformer:
   """Loads a directory written by transformers' `save_pretrained` (config.json + safetensors).
 
-  `shardings`: optional {dotted parameter name: Sharding} to place each weight on a mesh.
+  `shardings`: optional placement of each weight (see `transformer.model_from_params`).
   """
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
 

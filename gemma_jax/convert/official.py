@@ -25,12 +25,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_jax.checkpoint import flatten
 from gemma_jax.config import ModelConfig, get_preset
 from gemma_jax.transformer import Transformer, model_from_params
 
@@ -38,18 +39,6 @@ log = logging.getLogger('gemma_jax.convert')
 
 _MULTIMODAL = ('SigLiPFromPatches_0/', 'vision_encoder/', 'embedder/mm_')
 _LAYER = re.compile(r'layer_(\d+)/')
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  """Nested (or partly flat, '/'-keyed) dicts -> {'a/b/c': leaf}."""
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, name + '/'))
-    else:
-      flat[name] = value
-  return flat
 
 
 def our_name(official: str) -> str | None:
@@ -82,9 +71,9 @@ def read_official(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ValueError(f'{path}: not an Orbax checkpoint (no parameter tree metadata found); pass '
                      'the folder that holds the checkpoint\'s _METADATA file.')
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  log.info('%s: reading %d arrays', path, len(_flatten(tree)))
+  log.info('%s: reading %d arrays', path, len(flatten(tree, sep='/')))
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return {k: np.asarray(v) for k, v in _flatten(restored).items()}
+  return {k: np.asarray(v) for k, v in flatten(restored, sep='/').items()}
 
 
 def params_from_official(arrays: Mapping[str, np.ndarray], config: ModelConfig,
@@ -118,11 +107,12 @@ def params_from_official(arrays: Mapping[str, np.ndarray], config: ModelConfig,
 
 
 def load_official(path: str | os.PathLike, preset: str | ModelConfig, dtype=jnp.float32, *,
-                  param_dtype=None) -> Transformer:
+                  param_dtype=None, shardings=None) -> Transformer:
   """Loads an official Gemma Orbax checkpoint (Kaggle layout) as a Transformer.
 
   preset: a preset name (e.g. 'gemma2-2b', see gemma_jax.config.PRESETS) or a ModelConfig that
-  describes the checkpoint. Weights are cast to param_dtype (default: dtype, the compute dtype).
+  describes the checkpoint. Weights are read to the host, cast to param_dtype (default: dtype, the
+  compute dtype) and placed on `shardings` when given (see `transformer.model_from_params`).
   Raises ValueError naming the directory for a missing/unreadable checkpoint or a checkpoint whose
   arrays do not fit the preset.
   """
@@ -131,6 +121,6 @@ def load_official(path: str | os.PathLike, preset: str | ModelConfig, dtype=jnp.
   arrays = read_official(path)
   try:
     return model_from_params(config, params_from_official(arrays, config, source), dtype=dtype,
-                             param_dtype=param_dtype or dtype, source=source)
+                             param_dtype=param_dtype or dtype, source=source, shardings=shardings)
   except ValueError as e:
     raise ValueError(f'{e} Does the preset {config.name!r} match this checkpoint?') from e

@@ -1,0 +1,215 @@
+"""The training job's config schema: every key with its default, and the checks run before any work.
+
+Config reference (every key; configs/*.py start from `base_config()` and override):
+  steps, batch_size (global, per optimizer step), seq_len, learning_rate (peak), seed,
+  log_every, eval_every (0 = no eval), eval_batches (held-out batches per eval),
+  checkpoint_every, keep_checkpoints (Orbax max_to_keep).
+  loss_chunk          0 = the loss reads whole [B, T, V] logits; n > 0 = the output head is fused
+                      into the loss, n tokens at a time (gemma_jax.loss: saves the logits' memory)
+  model.preset        a name from gemma_jax.config.PRESETS
+  model.vocab_size    0 = the preset's; else override it (a model for a small tokenizer)
+  model.init          'none' (random, seed) | 'native' (save_params dir) | 'hf' (save_pretrained
+                      dir) | 'gguf' (.gguf file, or 'package': the bundled Gemma 3 270M) |
+                      'official' (Kaggle Orbax checkpoint dir)
+  model.init_path     where the initial weights are
+  model.tokenizer     a SentencePiece .model; '' = the one that comes with the initial weights
+  model.dtype         compute dtype 'float32' | 'bfloat16'; model.param_dtype: master weights
+  model.remat         'none' | 'dots' | 'full' (what a block keeps for the backward pass)
+  model.attention     kernel of uncached forwards: 'auto' | 'xla' | 'cudnn' (gemma_jax.attention;
+                      the environment variable GEMMA_JAX_ATTENTION overrides it)
+  data.*              gemma_jax.data.DEFAULT_CONFIG
+  optimizer.*         gemma_jax.optim: name adamw|adafactor, b1, b2, eps, weight_decay,
+                      weight_decay_exclude (regex on dotted param names), warmup_steps (a warmup
+                      longer than `steps` is shortened to `steps`, with a warning),
+                      decay cosine|linear|constant, min_lr_ratio, clip_norm (0 = off),
+                      grad_accum_steps (micro-batches per step; divides batch_size)
+  mesh.data, mesh.fsdp, mesh.tensor   device-mesh axis sizes; one may be -1 (fills)
+  sharding_rules.*    logical axis -> mesh axes (gemma_jax.sharding.ShardingRules), e.g.
+                      --config.sharding_rules.embed=fsdp,tensor
+  lora.rank           0 = full fine-tuning; r > 0 = train rank-r adapters (gemma_jax.lora) on
+                      the weights lora.targets picks (a regex on dotted names such as
+                      'layers.0.attn.q_einsum.w', 'layers.0.mlp.linear'; default all projections)
+                      with scale lora.alpha / r, the base frozen; the export merges them
+  exact_match.examples, exact_match.max_new_tokens   held-out examples answered greedily and
+                      scored by exact match before and after training (0 = off; JSONL data only)
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+import types
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemma_jax import config as config_lib
+from gemma_jax import lora as lora_lib
+from gemma_jax import optim
+from gemma_jax import sharding
+from gemma_jax.attention import ATTENTION_IMPLS
+from gemma_jax.transformer import REMAT_POLICIES, Transformer
+
+if TYPE_CHECKING:
+  import ml_collections
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The data group (read by gemma_jax.data, which takes it as its DEFAULT_CONFIG).
+DATA_DEFAULTS = {
+    'source': 'jsonl',            # 'jsonl' | 'tfds'
+    'path': '',                   # jsonl: training file
+    'eval_path': '',              # jsonl: held-out file ('' = none)
+    'name': '',                   # tfds: dataset name, e.g. 'my_sft' or 'my_sft:1.0.0'
+    'data_dir': '',               # tfds: data_dir ('' = TFDS default)
+    'train_split': 'train',       # tfds: training split
+    'eval_split': '',             # tfds: held-out split ('' = none)
+    'messages_field': 'messages',  # field holding a list of {'role', 'content'} turns
+    'prompt_field': 'prompt',     # fields used when a record has no messages_field
+    'response_field': 'response',
+    'packing': True,              # first-fit pack examples into rows
+    'truncate': 'truncate',       # 'truncate' (keep the start) | 'drop' examples over seq_len
+}
+INITS = ('none', 'native', 'hf', 'gguf', 'official')
+
+
+class ConfigError(ValueError):
+  """A config that cannot run (unknown key, bad value, tokenizer/model mismatch); names the key."""
+
+
+def defaults() -> dict[str, Any]:
+  """Every config key with its default, as plain nested dicts (see the module docstring)."""
+  return {
+      'steps': 1000, 'batch_size': 8, 'seq_len': 512, 'learning_rate': 1e-4, 'seed': 0,
+      'log_every': 10, 'eval_every': 200, 'eval_batches': 20, 'checkpoint_every': 200,
+      'keep_checkpoints': 3, 'loss_chunk': 0,
+      'model': dict(preset='tiny-gemma3', vocab_size=0, init='none', init_path='', tokenizer='',
+                    dtype='float32', param_dtype='float32', remat='none', attention='auto'),
+      'data': copy.deepcopy(DATA_DEFAULTS),
+      'optimizer': dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                        weight_decay_exclude='norm', warmup_steps=0, decay='cosine',
+                        min_lr_ratio=0.1, clip_norm=1.0, grad_accum_steps=1),
+      'mesh': dict(data=1, fsdp=-1, tensor=1),
+      'sharding_rules': sharding.ShardingRules().to_config(),
+      'lora': dict(rank=0, alpha=16.0, targets=lora_lib.DEFAULT_TARGETS),
+      'exact_match': dict(examples=0, max_new_tokens=32),
+  }
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """`defaults()` as the ml_collections.ConfigDict that configs/*.py start from and override."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(defaults())
+
+
+def plain_config(**overrides: Any) -> types.SimpleNamespace:
+  """`defaults()` with dotted-key overrides ({'model.dtype': 'bfloat16'}) as nested
+  SimpleNamespaces: a job config for code that runs without ml_collections (the benches)."""
+  d = defaults()
+  for key, value in overrides.items():
+    *groups, name = key.split('.')
+    node = d
+    for g in groups:
+      node = node[g]
+    if name not in node:
+      raise KeyError(f'plain_config: unknown config key {key!r}.')
+    node[name] = value
+  as_ns = lambda x: types.SimpleNamespace(**{k: as_ns(v) for k, v in x.items()}) if isinstance(
+      x, dict) else x
+  return as_ns(d)
+
+
+def _keys(d: Any, prefix: str = '') -> set[str]:
+  out = set()
+  for k, v in d.items():
+    out.add(prefix + k)
+    if isinstance(v, Mapping) or hasattr(v, 'to_dict'):
+      out |= _keys(v, f'{prefix}{k}.')
+  return out
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the key for unknown keys and values the trainer cannot run."""
+  known = _keys(base_config())
+  unknown = sorted(_keys(config) - known)
+  if unknown:
+    raise ConfigError(f'Unknown config key(s) {unknown}; known keys are listed in '
+                      'gemma_jax/train_config.py (base_config).')
+  missing = sorted(k for k in known - _keys(config) if '.' not in k or k.split('.')[0] != 'data')
+  if missing:
+    raise ConfigError(f'Config is missing key(s) {missing}; start configs from '
+                      'gemma_jax.train_config.base_config().')
+  c = config
+  for key in ('steps', 'batch_size', 'seq_len', 'log_every', 'checkpoint_every',
+              'keep_checkpoints', 'optimizer.grad_accum_steps'):
+    value = c[key] if '.' not in key else c[key.split('.')[0]][key.split('.')[1]]
+    if int(value) < 1:
+      raise ConfigError(f'config.{key}={value} must be >= 1.')
+  if c.loss_chunk < 0:
+    raise ConfigError(f'config.loss_chunk={c.loss_chunk} must be >= 0 (0 = unfused loss).')
+  if c.eval_every < 0 or c.eval_batches < 1:
+    raise ConfigError(f'config.eval_every={c.eval_every} must be >= 0 and config.eval_batches='
+                      f'{c.eval_batches} >= 1.')
+  if c.batch_size % c.optimizer.grad_accum_steps:
+    raise ConfigError(f'config.batch_size={c.batch_size} is not a multiple of '
+                      f'config.optimizer.grad_accum_steps={c.optimizer.grad_accum_steps}.')
+  from gemma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  try:
+    config_lib.get_preset(c.model.preset)
+    data_lib.resolve_config(c.data)
+    optim.make_optimizer(c)
+    sharding.mesh_shape(c.mesh, jax.device_count())
+    sharding.ShardingRules.from_config(c.sharding_rules)
+  except ValueError as e:
+    raise ConfigError(f'config: {e}') from None
+  for key in ('dtype', 'param_dtype'):
+    if c.model[key] not in DTYPES:
+      raise ConfigError(f'config.model.{key}={c.model[key]!r}; expected one of {list(DTYPES)}.')
+  for key, allowed in (('remat', list(REMAT_POLICIES)), ('attention', ATTENTION_IMPLS),
+                       ('init', INITS)):
+    if c.model[key] not in allowed:
+      raise ConfigError(f'config.model.{key}={c.model[key]!r}; expected one of {allowed}.')
+  if c.model.init != 'none' and not c.model.init_path:
+    raise ConfigError(f'config.model.init={c.model.init!r} needs config.model.init_path.')
+  if c.lora.rank < 0:
+    raise ConfigError(f'config.lora.rank={c.lora.rank} must be >= 0 (0 = full fine-tuning).')
+  if c.lora.rank:
+    try:
+      abstract_model(model_config(c), c)  # shapes only: checks lora.targets against the model
+    except (re.error, ValueError) as e:
+      raise ConfigError(f'config.lora.targets={c.lora.targets!r}: {e}') from None
+  if c.optimizer.warmup_steps > c.steps:
+    print(f'Warning: config.optimizer.warmup_steps={c.optimizer.warmup_steps} exceeds '
+          f'steps={c.steps}; warming up over all {c.steps} steps instead.', file=sys.stderr,
+          flush=True)
+
+
+def model_config(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:
+  """The preset, with `model.vocab_size` applied when non-zero."""
+  mc = config_lib.get_preset(config.model.preset)
+  if config.model.vocab_size:
+    mc = mc.replace(vocab_size=int(config.model.vocab_size))
+  return mc
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Transformer keyword arguments the job's config sets, whatever the source of the weights."""
+  return dict(dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype],
+              remat=config.model.remat, attention=config.model.attention)
+
+
+def make_model(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict) -> Transformer:
+  """A randomly initialised model of the job (seed), with its LoRA adapters when lora.rank > 0."""
+  model = Transformer(mc, rngs=nnx.Rngs(config.seed), **model_kwargs(config))
+  if config.lora.rank:
+    lora_lib.add_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
+                      rngs=nnx.Rngs(config.seed + 1))
+  return model
+
+
+def abstract_model(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict) -> Transformer:
+  """The job's Transformer as shapes only (`make_model` under `nnx.eval_shape`)."""
+  return nnx.eval_shape(lambda: make_model(mc, config))

@@ -1,0 +1,121 @@
+"""The train state: what it holds, how it is laid out on the mesh, and the one way to create it.
+
+The train state is a plain dict pytree, `{'step', 'params', 'opt_state', 'rng'}` (+ `'frozen'`):
+`params` is the `nnx.State` of what the optimiser updates (every `nnx.Param` for full
+fine-tuning; the `nnx.LoRAParam` adapters with LoRA), `opt_state` optax's state over it, and
+`frozen` a LoRA job's base weights, carried through the step unchanged but never checkpointed (a
+resumed job reads them from model.init again). `plan_train_state` gives its shapes and shardings
+without allocating; `create_train_state` makes a fresh one directly in those shardings;
+`resume_train_state` restores one from a checkpoint (gemma_jax.checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from gemma_jax import checkpoint
+from gemma_jax import optim
+from gemma_jax import sharding
+from gemma_jax.config import ModelConfig
+from gemma_jax.initial_weights import initial_params
+from gemma_jax.train_config import abstract_model, make_model
+
+if TYPE_CHECKING:
+  import ml_collections
+
+State = dict[str, Any]
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int,
+               frozen: nnx.State | None = None) -> State:
+  """A fresh train state at step 0 around `params` (the trained ones) and `frozen` (a LoRA
+  model's base weights, or None)."""
+  state = {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'opt_state': tx.init(params),
+      'rng': jax.random.PRNGKey(seed),
+  }
+  if frozen is not None:
+    state['frozen'] = frozen
+  return state
+
+
+def split_model(model: nnx.Module, lora: bool):
+  """(graphdef, trained params, frozen params or None, rest): with LoRA the adapters are trained
+  and the base weights frozen; otherwise every parameter is trained."""
+  if lora:
+    return nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, None, rest
+
+
+def state_shardings(mesh: Mesh, abstract_state: State,
+                    rules: sharding.ShardingRules | None = None) -> State:
+  """NamedSharding of every leaf of the train state: params and their optimiser moments by their
+  logical axes (FSDP / tensor parallel per the rules), step, rng and counters replicated."""
+  return sharding.param_shardings(abstract_state, mesh, rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStatePlan:
+  """Everything a job knows about its train state before one is allocated."""
+
+  graphdef: nnx.GraphDef  # the model's structure (LoRA adapters included)
+  rest: nnx.State  # the model's non-parameter state (merged back in by the steps)
+  tx: optax.GradientTransformation  # clipping + optimiser (gemma_jax.optim)
+  schedule: optax.Schedule  # learning rate by step
+  abstract: State  # the train state as jax.ShapeDtypeStructs
+  shardings: State  # a NamedSharding per leaf of the train state
+  lora: bool  # params are LoRA adapters and the state carries the 'frozen' base
+
+  def describe_lora(self) -> str:
+    """One line: how many parameters train, against the frozen base."""
+    count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+    n, base = count(self.abstract['params']), count(self.abstract['frozen'])
+    return f'LoRA: {n:,} trained parameters ({100 * n / base:.2f}% of the {base:,} frozen base weights).'
+
+
+def plan_train_state(mc: ModelConfig, config: ml_collections.ConfigDict, mesh: Mesh,
+                     rules: sharding.ShardingRules | None = None) -> TrainStatePlan:
+  """The job's train state as shapes and shardings, with its model structure and optimiser."""
+  lora = bool(config.lora.rank)
+  graphdef, params, frozen, rest = split_model(abstract_model(mc, config), lora)
+  tx, schedule = optim.make_optimizer(config)
+  abstract = jax.eval_shape(lambda p, f: init_state(p, tx, config.seed, f), params, frozen)
+  return TrainStatePlan(graphdef, rest, tx, schedule, abstract,
+                        state_shardings(mesh, abstract, rules), lora)
+
+
+def create_train_state(plan: TrainStatePlan, mc: ModelConfig,
+                       config: ml_collections.ConfigDict) -> State:
+  """A fresh train state, created in its shardings: the initial weights of model.init (see
+  gemma_jax.initial_weights) and, with LoRA, fresh adapters (B = 0) over them as the trained
+  params. No device ever holds more than its shards."""
+  shardings = plan.shardings
+  if plan.lora:
+    frozen = initial_params(mc, config, shardings['frozen'])
+    # Only the adapters leave the jitted function, so XLA drops the unused random base init.
+    params = jax.jit(lambda: nnx.state(make_model(mc, config), nnx.LoRAParam),
+                     out_shardings=shardings['params'])()
+  else:
+    params, frozen = initial_params(mc, config, shardings['params']), None
+  return jax.jit(lambda p, f: init_state(p, plan.tx, config.seed, f),
+                 out_shardings=shardings, donate_argnums=(0,))(params, frozen)
+
+
+def resume_train_state(plan: TrainStatePlan, manager, step: int, mc: ModelConfig,
+                       config: ml_collections.ConfigDict) -> tuple[State, Any]:
+  """(train state, data-iterator state) from the checkpoint at `step`, placed on the plan's
+  shardings; a LoRA job's frozen base is read from model.init again."""
+  state, data_state = checkpoint.restore_train_state(manager, step, plan.abstract, plan.shardings)
+  if plan.lora:
+    state['frozen'] = initial_params(mc, config, plan.shardings['frozen'])
+  return state, data_state
