@@ -37,7 +37,7 @@ CHAT_CACHE_LENGTH = 8192  # tokens a chat session may hold (capped by the model'
 
 
 class UsageError(ValueError):
-  pass
+  """A bad flag or input, reported as one `sample.py: error:` line."""
 
 
 def _fail(message: str, code: int = 1):
@@ -66,9 +66,10 @@ def sampling_params():
                         top_p=0.95 if _TOP_P.value is None else _TOP_P.value)
 
 
-def cache_length_for(prompt_lengths, max_new_tokens: int) -> int:
-  """Cache slots for a batch: the longest prompt plus the budget, rounded up to 128."""
-  return -(-(max(prompt_lengths) + max_new_tokens) // 128) * 128
+def cache_length_for(prompt_lengths, max_new_tokens: int, max_seq_len: int) -> int:
+  """Cache slots for a batch: the longest prompt plus the budget, rounded up to 128 (fewer
+  shapes to compile) but never past the model's max_seq_len, which the Sampler refuses."""
+  return min(-(-(max(prompt_lengths) + max_new_tokens) // 128) * 128, max_seq_len)
 
 
 def _load(ckpt: str, tokenizer_path: str | None):
@@ -80,6 +81,9 @@ def _load(ckpt: str, tokenizer_path: str | None):
   if tokenizer_path is None:
     raise UsageError(f'--ckpt {ckpt} has no tokenizer.model; pass --tokenizer PATH.')
   tokenizer = Tokenizer(tokenizer_path)
+  config = checkpoint.load_config(ckpt)  # checked before any weight is read
+  tokenizer.check_fits(config.vocab_size, f'model {config.name!r} in {ckpt}',
+                       'Pass the tokenizer of this checkpoint with --tokenizer.')
   return checkpoint.load_params(ckpt), tokenizer
 
 
@@ -96,7 +100,8 @@ def run_batch(model, tokenizer, prompts, sampling):
   if max(lengths) + max_new > model.config.max_seq_len:
     raise UsageError(f'the longest prompt ({max(lengths)} tokens) + --max_new_tokens ({max_new}) '
                      f'exceeds the model\'s max_seq_len ({model.config.max_seq_len}).')
-  sampler = Sampler(model, tokenizer, cache_length=cache_length_for(lengths, max_new))
+  cache_length = cache_length_for(lengths, max_new, model.config.max_seq_len)
+  sampler = Sampler(model, tokenizer, cache_length=cache_length)
   stream = sampler.sample(prompts, max_new, sampling=sampling, seed=_SEED.value, stream=True)
   shown, pending = 0, [''] * len(prompts)  # rows after `shown` wait in `pending`
 

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from gemma_jax.sampling import GREEDY, SamplingParams, sample_logits
 
@@ -39,47 +39,81 @@ def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('cache',))
-def _prefill(graphdef, state, cache, tokens_BT, positions_BT, segment_ids_BT):
-  """Writes T tokens per row into the cache; the logits are unused (and not computed)."""
-  _, cache = nnx.merge(graphdef, state)(tokens_BT, positions_BT, segment_ids_BT, cache)
-  return cache
-
-
-@functools.partial(jax.jit, static_argnames=('graphdef', 'sampling', 'pad_id'),
-                   donate_argnames=('carry',))
-def _decode(graphdef, state, carry, stop_ids, limit, *, sampling, pad_id):
-  """Steps until every row is done or `carry['step'] == limit`.
-
-  carry: cache; token_B (sampled, not yet in the cache), position_B (its position), done_B,
-  step (tokens generated so far), keys_B (per-row PRNG keys), tokens_BN (output buffer, pad_id
-  after a row stops) and optionally logits_BNV (the logits each token was drawn from).
-  """
-
-  def cond(c):
-    return (c['step'] < limit) & ~jnp.all(c['done'])
-
-  def body(c):
-    model = nnx.merge(graphdef, state)
-    active_B1 = (~c['done'])[:, None].astype(jnp.int32)  # finished rows feed padding
-    logits_B1V, cache = model(c['token'][:, None], c['position'][:, None], active_B1, c['cache'])
-    logits_BV = logits_B1V[:, 0]
-    keys_B = jax.vmap(jax.random.fold_in, (0, None))(c['keys'], c['step'])
-    token_B = jnp.where(c['done'], pad_id, sample_logits(logits_BV, keys_B, sampling))
-    new = dict(c, cache=cache, token=token_B, position=c['position'] + 1, step=c['step'] + 1,
-               done=c['done'] | jnp.isin(token_B, stop_ids),
-               tokens=jax.lax.dynamic_update_slice(c['tokens'], token_B[:, None], (0, c['step'])))
-    if 'logits' in c:
-      new['logits'] = jax.lax.dynamic_update_slice(c['logits'], logits_BV[:, None],
-                                                   (0, c['step'], 0))
-    return new
-
-  return jax.lax.while_loop(cond, body, carry)
-
-
 def _bucket(n: int) -> int:
   """Smallest power of two >= n (at least _MIN_BUCKET)."""
   return max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('cache',))
+def _prefill(graphdef, params, cache, tokens_BT, positions_BT, segment_ids_BT):
+  """Writes T tokens per row into the cache; the logits are unused (and not computed)."""
+  _, cache = nnx.merge(graphdef, params)(tokens_BT, positions_BT, segment_ids_BT, cache)
+  return cache
+
+
+@struct.dataclass
+class DecodeState:
+  """What the compiled decode loop carries from one step to the next (a pytree, donated).
+
+  O is the length of the output buffer: `max_new_tokens` rounded up to a bucket, so calls with
+  nearby budgets share one compiled loop.
+  """
+
+  cache: dict[str, Any]  # the model's KV cache, holding every token fed so far
+  next_token_B: jax.Array  # int32 [B]: sampled (or the prompt's last token), not yet in the cache
+  position_B: jax.Array  # int32 [B]: the position next_token_B is fed at
+  done_B: jax.Array  # bool [B]: the row met a stop; from then on it feeds and emits padding
+  step: jax.Array  # int32 []: tokens generated so far (the next column of tokens_BO)
+  keys_B: jax.Array  # PRNG keys [B]: step n of row i draws with fold_in(keys_B[i], n)
+  tokens_BO: jax.Array  # int32 [B, O]: generated ids, pad_id after a row stops
+  # float32 [B, O, V]: the logits each token was drawn from; None (an empty pytree, so nothing is
+  # written) unless the caller asked for logits.
+  logits_BOV: jax.Array | None = None
+
+  @classmethod
+  def create(cls, cache, next_token_B, position_B, keys_B, *, max_new_tokens: int, pad_id: int,
+             vocab_size: int | None = None) -> DecodeState:
+    """The state before the first step; `vocab_size` given: also record the logits."""
+    B, out_len = len(next_token_B), _bucket(max_new_tokens)
+    return cls(
+        cache=cache,
+        next_token_B=jnp.asarray(next_token_B, jnp.int32),
+        position_B=jnp.asarray(position_B, jnp.int32),
+        done_B=jnp.zeros((B,), bool),
+        step=jnp.zeros((), jnp.int32),
+        keys_B=keys_B,
+        tokens_BO=jnp.full((B, out_len), pad_id, jnp.int32),
+        logits_BOV=(None if vocab_size is None
+                    else jnp.zeros((B, out_len, vocab_size), jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'sampling', 'pad_id'),
+                   donate_argnames=('state',))
+def _decode(graphdef, params, state: DecodeState, stop_ids, limit, *, sampling,
+            pad_id) -> DecodeState:
+  """Steps until every row is done or `state.step == limit`."""
+
+  def cond(st):
+    return (st.step < limit) & ~jnp.all(st.done_B)
+
+  def body(st):
+    model = nnx.merge(graphdef, params)
+    active_B1 = (~st.done_B)[:, None].astype(jnp.int32)  # finished rows feed padding
+    logits_B1V, cache = model(st.next_token_B[:, None], st.position_B[:, None], active_B1,
+                              st.cache)
+    logits_BV = logits_B1V[:, 0]
+    keys_B = jax.vmap(jax.random.fold_in, (0, None))(st.keys_B, st.step)
+    token_B = jnp.where(st.done_B, pad_id, sample_logits(logits_BV, keys_B, sampling))
+    logits_BOV = st.logits_BOV
+    if logits_BOV is not None:
+      logits_BOV = jax.lax.dynamic_update_slice(logits_BOV, logits_BV[:, None], (0, st.step, 0))
+    return st.replace(
+        cache=cache, next_token_B=token_B, position_B=st.position_B + 1, step=st.step + 1,
+        done_B=st.done_B | jnp.isin(token_B, stop_ids),
+        tokens_BO=jax.lax.dynamic_update_slice(st.tokens_BO, token_B[:, None], (0, st.step)),
+        logits_BOV=logits_BOV)
+
+  return jax.lax.while_loop(cond, body, state)
 
 
 @dataclasses.dataclass
@@ -123,7 +157,8 @@ class SampleStream:
 class Sampler:
   """Samples from a `Transformer` with a KV cache of `cache_length` tokens per row.
 
-  The sampler holds the model's parameters as they are at construction (create a new Sampler to
+  `cache_length` is at most the model's `max_seq_len`: later positions were never trained. The
+  sampler holds the model's parameters as they are at construction (create a new Sampler to
   sample from updated weights). `tokenizer` (a `gemma_jax.tokenizer.Tokenizer`) may be None: then
   prompts must be token-id lists, nothing stops a row but `stop_tokens`, and texts are None.
   `cache_dtype` defaults to the model's compute dtype. `stream_chunk`: decode steps per streamed
@@ -136,6 +171,11 @@ class Sampler:
       raise ValueError(f'Sampler: cache_length must be an integer >= 2, got {cache_length!r}.')
     if not _is_int(stream_chunk) or stream_chunk < 1:
       raise ValueError(f'Sampler: stream_chunk must be an integer >= 1, got {stream_chunk!r}.')
+    max_seq_len = model.config.max_seq_len
+    if cache_length > max_seq_len:
+      # Positions past max_seq_len were never trained; the reference RoPE tables stop there.
+      raise ValueError(f'Sampler: cache_length={cache_length} exceeds the model\'s '
+                       f'max_seq_len={max_seq_len}; use a cache_length <= {max_seq_len}.')
     if jax.process_count() > 1:
       raise ValueError('Sampler: sampling runs in one process (over any number of its devices); '
                        f'this job has {jax.process_count()} processes.')
@@ -145,7 +185,7 @@ class Sampler:
     self.cache_dtype = cache_dtype
     self.stream_chunk = stream_chunk
     self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
-    self._graphdef, self._state = nnx.split(model)
+    self._graphdef, self._params = nnx.split(model)
 
   def encode(self, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of a prompt: text gets BOS prepended once; an id list is used as is."""
@@ -182,7 +222,7 @@ class Sampler:
           'cache_length.')
 
   def _prefill(self, cache, tokens_BT, positions_BT, segment_ids_BT):
-    return _prefill(self._graphdef, self._state, cache, jnp.asarray(tokens_BT, jnp.int32),
+    return _prefill(self._graphdef, self._params, cache, jnp.asarray(tokens_BT, jnp.int32),
                     jnp.asarray(positions_BT, jnp.int32), jnp.asarray(segment_ids_BT, jnp.int32))
 
   def _prefill_fresh(self, ids: list[list[int]], max_new_tokens: int):
@@ -213,40 +253,32 @@ class Sampler:
       start += n
     return cache
 
-  def _new_carry(self, cache, last_B, position_B, keys_B, max_new_tokens, return_logits):
-    B, n = len(last_B), _bucket(max_new_tokens)
-    carry = {
-        'cache': cache,
-        'token': jnp.asarray(last_B, jnp.int32),
-        'position': jnp.asarray(position_B, jnp.int32),
-        'done': jnp.zeros((B,), bool),
-        'step': jnp.zeros((), jnp.int32),
-        'keys': keys_B,
-        'tokens': jnp.full((B, n), self.pad_id, jnp.int32),
-    }
-    if return_logits:
-      carry['logits'] = jnp.zeros((B, n, self.model.config.vocab_size), jnp.float32)
-    return carry
+  def _start(self, cache, last_B, position_B, keys_B, max_new_tokens,
+             return_logits) -> DecodeState:
+    """The decode state that feeds each row's last prompt token at `position_B`."""
+    return DecodeState.create(
+        cache, last_B, position_B, keys_B, max_new_tokens=max_new_tokens, pad_id=self.pad_id,
+        vocab_size=self.model.config.vocab_size if return_logits else None)
 
-  def _run(self, carry, max_new_tokens, sampling, stop_ids, stop_strings, chunk):
-    """Decodes until done; yields (carry, tokens_BN, step, done_B) on the host after each chunk
-    (one chunk of the whole budget when `chunk` is None)."""
+  def _run(self, state: DecodeState, max_new_tokens, sampling, stop_ids, stop_strings, chunk):
+    """Decodes until done; yields (state, tokens_BO, step, done_B), the last three on the host,
+    after each chunk (one chunk of the whole budget when `chunk` is None)."""
     n_stop = max(_STOP_IDS_PAD, -(-len(stop_ids) // _STOP_IDS_PAD) * _STOP_IDS_PAD)
     stop_arr = jnp.asarray(stop_ids + [-1] * (n_stop - len(stop_ids)), jnp.int32)
     step = 0
     while True:
       limit = max_new_tokens if chunk is None else min(step + chunk, max_new_tokens)
-      carry = _decode(self._graphdef, self._state, carry, stop_arr, jnp.asarray(limit, jnp.int32),
+      state = _decode(self._graphdef, self._params, state, stop_arr, jnp.asarray(limit, jnp.int32),
                       sampling=sampling, pad_id=self.pad_id)
-      tokens_BN, step, done_B = jax.device_get((carry['tokens'], carry['step'], carry['done']))
+      tokens_BO, step, done_B = jax.device_get((state.tokens_BO, state.step, state.done_B))
       step = int(step)
       if stop_strings:
         hit = np.array([_stop_string_cut(self.tokenizer, row[:step], stop_strings) is not None
-                        for row in tokens_BN])
+                        for row in tokens_BO])
         if (hit & ~done_B).any():
           done_B = done_B | hit
-          carry['done'] = jnp.asarray(done_B)
-      yield carry, tokens_BN, step, done_B
+          state = state.replace(done_B=jnp.asarray(done_B))
+      yield state, tokens_BO, step, done_B
       if done_B.all() or step >= max_new_tokens:
         return
 
@@ -269,9 +301,9 @@ class Sampler:
     """Prefills token-id prompts and returns the `_run` generator over decoded chunks."""
     cache = self._prefill_fresh(ids, max_new_tokens)
     keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(len(ids)))
-    carry = self._new_carry(cache, [x[-1] for x in ids], [len(x) - 1 for x in ids], keys_B,
-                            max_new_tokens, return_logits)
-    return self._run(carry, max_new_tokens, sampling, stop_ids, stop_strings, chunk)
+    state = self._start(cache, [x[-1] for x in ids], [len(x) - 1 for x in ids], keys_B,
+                        max_new_tokens, return_logits)
+    return self._run(state, max_new_tokens, sampling, stop_ids, stop_strings, chunk)
 
   def sample(self, prompts, max_new_tokens: int = 64, *, sampling: SamplingParams = GREEDY,
              seed: int = 0, stop_tokens: Sequence[int | str] | None = None, stream: bool = False,
@@ -301,114 +333,41 @@ class Sampler:
     steps = self._generate(ids, max_new_tokens, sampling, seed, stop_ids, stop_strings, chunk,
                            return_logits)
 
-    def results(carry, tokens_BN, step, with_logits):
-      logits = jax.device_get(carry['logits']) if with_logits else [None] * len(ids)
-      return [self._completion(p, tokens_BN[i, :step], logits[i], stop_ids, stop_strings)
+    def results(state, tokens_BO, step, with_logits):
+      logits = jax.device_get(state.logits_BOV) if with_logits else [None] * len(ids)
+      return [self._completion(p, tokens_BO[i, :step], logits[i], stop_ids, stop_strings)
               for i, p in enumerate(prompts)]
 
     if not stream:
-      for state in steps:
+      for chunk_out in steps:
         pass
-      return results(*state[:3], return_logits)
+      return results(*chunk_out[:3], return_logits)
 
     # A live row holds back what could be the start of a stop string split across chunks.
     hold = max((len(x) for x in stop_strings), default=1) - 1
 
     def pieces():
       emitted = [''] * len(ids)
-      for carry, tokens_BN, step, done_B in steps:
+      for state, tokens_BO, step, done_B in steps:
         last = done_B.all() or step >= max_new_tokens
         texts = [c.text if done_B[i] or last else c.text[:len(c.text) - hold]
-                 for i, c in enumerate(results(carry, tokens_BN, step, False))]
-        yield [_delta(emitted, i, t) for i, t in enumerate(texts)], [bool(d) for d in done_B]
-      return results(carry, tokens_BN, step, return_logits)
+                 for i, c in enumerate(results(state, tokens_BO, step, False))]
+        yield [stream_delta(emitted, i, t) for i, t in enumerate(texts)], [bool(d) for d in done_B]
+      return results(state, tokens_BO, step, return_logits)
 
     return SampleStream(pieces())
 
   def chat(self, *, system: str | None = None, sampling: SamplingParams = GREEDY,
-           seed: int = 0) -> ChatSession:
-    """A new multi-turn `ChatSession` with its own cache of `cache_length` tokens."""
+           seed: int = 0):
+    """A new multi-turn `gemma_jax.chat.ChatSession` with its own cache of `cache_length`
+    tokens."""
+    from gemma_jax.chat import ChatSession  # pylint: disable=g-import-not-at-top (a cycle)
     return ChatSession(self, system=system, sampling=sampling, seed=seed)
 
 
-class ChatSession:
-  """A conversation in Gemma's control-token format that keeps its KV cache across turns.
-
-  Each `send` appends only the new tokens to the cache -- the previous reply's closing
-  `<end_of_turn>\\n` and the new user turn with the `<start_of_turn>model\\n` header -- and decodes
-  the reply until `<end_of_turn>` or `<eos>`. `history` holds the messages; `tokens_used` the cache
-  slots taken (out of `sampler.cache_length`).
-  """
-
-  def __init__(self, sampler: Sampler, *, system: str | None = None,
-               sampling: SamplingParams = GREEDY, seed: int = 0):
-    if sampler.tokenizer is None:
-      raise ValueError('ChatSession needs a Sampler with a tokenizer.')
-    self.sampler, self.system, self.sampling, self.seed = sampler, system, sampling, seed
-    self.history: list[dict[str, str]] = []
-    self._cache = None
-    self._pending: list[int] = []  # sampled tokens not yet in the cache
-    self._position = 0  # position of the first pending token
-    self.tokens_used = 0
-    self._busy = False
-
-  def send(self, message: str, max_new_tokens: int = 256, *,
-           stream: bool = False) -> Completion | SampleStream:
-    """Adds a user turn and returns the model's reply (`stream=True`: a `SampleStream` of str
-    pieces whose `.result` is the Completion). Raises ValueError when the conversation would
-    overflow the cache."""
-    s, tok = self.sampler, self.sampler.tokenizer
-    if self._busy:
-      raise ValueError('ChatSession: consume the previous streamed reply before sending again.')
-    if not isinstance(message, str):
-      raise ValueError(f'ChatSession.send: message must be a str, got {type(message).__name__}.')
-    user = {'role': 'user', 'content': message}
-    if self._cache is None:
-      msgs = ([{'role': 'system', 'content': self.system}] if self.system is not None else [])
-      ids = tok.encode(tok.format_chat(msgs + [user], add_generation_prompt=True), add_bos=True)
-    else:
-      ids = self._pending + tok.encode('\n' + tok.format_chat([user]), add_bos=False)
-    s._check_length(self.tokens_used + len(ids), max_new_tokens, 'the conversation so far')
-    if self._cache is None:
-      cache = s._prefill_fresh([ids], max_new_tokens)
-    else:
-      cache = s._prefill_more(self._cache, ids[:-1], self._position)
-    self._cache, self._busy = None, True  # donated: unusable until this turn completes
-    key = jax.random.fold_in(jax.random.key(self.seed), len(self.history))[None]
-    carry = s._new_carry(cache, [ids[-1]], [self._position + len(ids) - 1], key,
-                         max_new_tokens, False)
-    stop_ids, _ = s._stops(None)
-    steps = s._run(carry, max_new_tokens, self.sampling, stop_ids, [],
-                   s.stream_chunk if stream else None)
-
-    def finish(carry, tokens_BN, step):
-      reply = s._completion(message, tokens_BN[0, :step], None, stop_ids, [])
-      self._cache = carry['cache']
-      self.tokens_used = int(carry['cache']['end_index'])
-      self._position += len(ids) + step - 1
-      last = reply.tokens[-1]
-      self._pending = ([last] if reply.finish_reason == 'length' else []) + [tok.end_of_turn_id]
-      self.history += [user, {'role': 'model', 'content': reply.text}]
-      self._busy = False
-      return reply
-
-    if not stream:
-      for state in steps:
-        pass
-      return finish(*state[:3])
-
-    def pieces():
-      emitted = ['']
-      for state in steps:
-        text = s._completion(message, state[1][0, :state[2]], None, stop_ids, []).text
-        yield _delta(emitted, 0, text), [bool(state[3][0])]
-      return finish(*state[:3])
-
-    return SampleStream(pieces())
-
-
-def _delta(emitted: list[str], i: int, text: str) -> str:
-  """The part of row i's `text` not yet emitted; holds back an incomplete UTF-8 tail."""
+def stream_delta(emitted: list[str], i: int, text: str) -> str:
+  """The part of row i's `text` not yet emitted (updating `emitted[i]`); holds back an incomplete
+  UTF-8 tail. Streamed samples and chat replies both emit through it."""
   text = text.rstrip('\ufffd')
   if not text.startswith(emitted[i]):  # detokenization revised earlier text: wait for more
     return ''

@@ -38,6 +38,7 @@ class SamplingParams:
 
   @property
   def greedy(self) -> bool:
+    """Whether the rule is argmax (temperature 0), which needs no PRNG draw."""
     return self.temperature == 0
 
 
@@ -56,10 +57,11 @@ def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, sampling: SamplingPar
   k = min(sampling.top_k, V) if sampling.top_k else (V if sampling.top_p < 1 else 0)
   if k == 0:
     return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
-  vals_BK, idx_BK = jax.lax.top_k(logits_BV, k)  # sorted, most likely first
+  # Suffix k: the k top-k candidates per row (K is reserved for kv heads).
+  vals_Bk, idx_Bk = jax.lax.top_k(logits_BV, k)  # sorted, most likely first
   if sampling.top_p < 1:
-    probs_BK = jax.nn.softmax(vals_BK, axis=-1)
-    mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
-    vals_BK = jnp.where(mass_before_BK < sampling.top_p, vals_BK, -jnp.inf)
-  choice_B = jax.vmap(jax.random.categorical)(keys_B, vals_BK)
-  return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    probs_Bk = jax.nn.softmax(vals_Bk, axis=-1)
+    mass_before_Bk = jnp.cumsum(probs_Bk, axis=-1) - probs_Bk
+    vals_Bk = jnp.where(mass_before_Bk < sampling.top_p, vals_Bk, -jnp.inf)
+  choice_B = jax.vmap(jax.random.categorical)(keys_B, vals_Bk)
+  return jnp.take_along_axis(idx_Bk, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)

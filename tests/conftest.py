@@ -49,3 +49,20 @@ def gguf_tokenizer(gguf_path):
   """The Gemma 3 `Tokenizer` rebuilt from the real GGUF file (takes ~10 s; built once)."""
   from gemma_jax.convert.gguf_tokenizer import tokenizer_from_gguf
   return tokenizer_from_gguf(gguf_path)
+
+
+# Different lengths; all real-model sampler and chat tests share this batch shape and one loaded
+# model, so they load and compile once per session.
+REAL_PROMPTS = ['The capital of France is', 'def fibonacci(n):', '1, 2, 3, 4, 5,',
+                'Once upon a time, in a small village by the sea, there lived an old fisherman who']
+REAL_NEW = 64
+
+
+@pytest.fixture(scope='session')
+def real(gguf_path):
+  """(model, tokenizer, sampler, greedy completions of REAL_PROMPTS) of the real Gemma 3 270M."""
+  from gemma_jax.convert.gguf import load_gguf
+  from gemma_jax.sampler import Sampler
+  model, tokenizer = load_gguf(gguf_path)
+  sampler = Sampler(model, tokenizer, cache_length=256)
+  return model, tokenizer, sampler, sampler.sample(REAL_PROMPTS, REAL_NEW)

@@ -50,6 +50,17 @@ def test_greedy_output_json_equals_library_call(ckpt, tmp_path):
     assert f'[{i + 1}/2] {prompt}{c.text}' in proc.stdout
 
 
+def test_cache_length_stops_at_max_seq_len():
+  """The 128-slot rounding never asks the Sampler for positions past the model's max_seq_len."""
+  # A fresh interpreter: importing sample.py defines its absl flags, which other tests may too.
+  code = ('import sample; print([sample.cache_length_for(*a) for a in '
+          '[([100], 20, 1000), ([100], 20, 200), ([100], 20, 120), ([3, 90], 10, 4096)]])')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, PYTHONPATH=str(_REPO)), cwd=_REPO)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout) == [128, 128, 120, 128]
+
+
 def test_chat_answers_two_piped_turns(ckpt, tmp_path):
   out = tmp_path / 'chat.json'
   turns = ['What is the capital of France?', 'Say hello in Spanish.']
@@ -91,3 +102,16 @@ def test_bad_input_fails_with_one_line(ckpt, tmp_path):
   # A prompt longer than the chat session's cache.
   _assert_one_line_error(_run(*ck, '--chat', '--greedy', '--prompt', 'word ' * 9000, stdin=''),
                          'exceeds cache_length')
+
+
+def test_tokenizer_larger_than_the_model_fails_before_loading(tmp_path):
+  """--tokenizer with more pieces than the checkpoint's embedding rows: one line, naming both."""
+  from flax import nnx
+  from gemma_jax.config import get_preset
+  from gemma_jax.transformer import Transformer
+  small = Transformer(get_preset('tiny-gemma1').replace(vocab_size=64), rngs=nnx.Rngs(0))
+  checkpoint.save_params(small, tmp_path / 'small')
+  tokenizer = _REPO / 'data' / 'quickstart_tokenizer.model'  # 128 pieces
+  _assert_one_line_error(
+      _run('--ckpt', str(tmp_path / 'small'), '--tokenizer', str(tokenizer), '--prompt', 'x'),
+      'the tokenizer has 128 pieces but the model has only 64 embedding rows')

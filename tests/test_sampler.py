@@ -14,11 +14,13 @@ from gemma_jax.config import get_preset
 from gemma_jax.convert import load_hf
 from gemma_jax.sampler import GREEDY, Sampler, SamplingParams
 from gemma_jax.transformer import Transformer
+from conftest import REAL_NEW, REAL_PROMPTS  # the shared `real` fixture's batch
 from hf_models import FAMILIES, NORM_STD
 from test_sampling import renormalised
 
 # Prompts of different lengths (token ids); the longest is longer than the window (8).
-PROMPTS = [[2, 17, 33, 91, 5], [2, 8], [2] + list(range(40, 60)), [2, 77, 78, 79, 80, 81, 82, 83, 84]]
+PROMPTS = [[2, 17, 33, 91, 5], [2, 8], [2] + list(range(40, 60)),
+           [2, 77, 78, 79, 80, 81, 82, 83, 84]]
 NEW = 40  # > 4 windows: the local layers' ring buffers wrap several times
 
 
@@ -135,11 +137,11 @@ def test_rows_stop_independently_and_then_emit_padding(tiny_models):
   free = s.sample(PROMPTS, 30)
   stop = free[0].tokens[6]  # row 0 stops at its 7th token (or earlier if it repeats)
   ids = [s.encode(p) for p in PROMPTS]
-  *_, (carry, tokens_BN, step, done) = s._generate(ids, 30, GREEDY, 0, [stop])
+  *_, (_, tokens_BO, step, done) = s._generate(ids, 30, GREEDY, 0, [stop])
   for i, c in enumerate(free):
     k = c.tokens.index(stop) + 1 if stop in c.tokens else 30
-    assert list(tokens_BN[i, :k]) == c.tokens[:k]
-    assert np.all(tokens_BN[i, k:] == s.pad_id)  # padding after the stop
+    assert list(tokens_BO[i, :k]) == c.tokens[:k]
+    assert np.all(tokens_BO[i, k:] == s.pad_id)  # padding after the stop
     assert bool(done[i]) == (stop in c.tokens)
   assert step == 30 or done.all()
   stopped = s.sample(PROMPTS, 30, stop_tokens=[stop])
@@ -161,16 +163,14 @@ def test_decode_loop_reads_weights_in_place(name):
   """The compiled decode loop needs no weight-sized scratch: XLA must not transpose or slice
   (copy) projection weights on every step, which would double the bytes a step moves."""
   model = nnx.eval_shape(lambda: Transformer(get_preset(name), rngs=nnx.Rngs(0)))
-  s = Sampler.__new__(Sampler)
-  s.model, s.pad_id, s.cache_dtype = model, 0, None
-  graphdef, state = nnx.split(model)
-  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
-  carry = jax.eval_shape(lambda k: s._new_carry(model.init_cache(1, 16), [3], [0], k, 16, False),
-                         keys)
+  graphdef, params = nnx.split(model)
+  decode_state = jax.eval_shape(lambda: sampler_lib.DecodeState.create(
+      model.init_cache(1, 16), [3], [0], jax.random.split(jax.random.key(0), 1),
+      max_new_tokens=16, pad_id=0))
   compiled = sampler_lib._decode.lower(
-      graphdef, state, carry, jax.ShapeDtypeStruct((8,), jnp.int32),
+      graphdef, params, decode_state, jax.ShapeDtypeStruct((8,), jnp.int32),
       jax.ShapeDtypeStruct((), jnp.int32), sampling=GREEDY, pad_id=0).compile()
-  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   assert compiled.memory_analysis().temp_size_in_bytes < 0.05 * param_bytes
 
 
@@ -179,6 +179,15 @@ def test_multi_process_jobs_get_a_clear_error(tiny_models, monkeypatch):
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   with pytest.raises(ValueError, match='sampling runs in one process'):
     Sampler(tiny_models['tiny-gemma1'], cache_length=32)
+
+
+def test_cache_past_max_seq_len_is_an_error(tiny_models):
+  """Positions past max_seq_len were never trained: a cache reaching them is refused up front."""
+  model = tiny_models['tiny-gemma3']
+  assert model.config.max_seq_len == 4096
+  with pytest.raises(ValueError, match=r"cache_length=4097 exceeds the model's max_seq_len=4096"):
+    Sampler(model, cache_length=4097)
+  assert Sampler(model, cache_length=4096).cache_length == 4096
 
 
 def test_errors(tiny_models):
@@ -194,21 +203,8 @@ def test_errors(tiny_models):
     s.sample(['text'], 4)
 
 
-# The real Gemma 3 270M (GGUF), against transformers loading the same file.
-
-# Different lengths; all real tests share this batch shape, so they compile once.
-REAL_PROMPTS = ['The capital of France is', 'def fibonacci(n):', '1, 2, 3, 4, 5,',
-                'Once upon a time, in a small village by the sea, there lived an old fisherman who']
-REAL_NEW = 64
-
-
-@pytest.fixture(scope='module')
-def real(gguf_path):
-  """(model, tokenizer, sampler, greedy completions of REAL_PROMPTS)."""
-  from gemma_jax.convert.gguf import load_gguf
-  model, tokenizer = load_gguf(gguf_path)
-  sampler = Sampler(model, tokenizer, cache_length=256)
-  return model, tokenizer, sampler, sampler.sample(REAL_PROMPTS, REAL_NEW)
+# The real Gemma 3 270M (GGUF), against transformers loading the same file (fixture `real` in
+# conftest.py).
 
 
 def test_real_270m_batch_greedy_equals_transformers(real, gguf_path):
@@ -250,21 +246,3 @@ def test_real_stop_string(real):
   for i, c in enumerate(stream.result):
     assert ''.join(p[i] for p in pieces) == c.text
   assert stream.result[2].text == stopped.text
-
-
-def test_real_chat_keeps_its_cache(real):
-  """Turn 2 from the cache equals sampling the whole formatted conversation from scratch."""
-  _, tok, s, _ = real
-  chat = s.chat()
-  first = chat.send('Name a color.', 12)
-  used = chat.tokens_used
-  second = chat.send('And a fruit?', 12)
-  assert chat.tokens_used > used and len(chat.history) == 4
-  # The same conversation as token ids: the reply's own tokens, closed by <end_of_turn>.
-  reply_ids = first.tokens[:-1] if first.finish_reason == 'stop' else first.tokens
-  ids = (tok.encode(tok.format_chat(chat.history[:1])) + reply_ids + [tok.end_of_turn_id]
-         + tok.encode('\n' + tok.format_chat(chat.history[2:3]), add_bos=False))
-  assert s.sample([ids], 12)[0].tokens == second.tokens
-  assert first.tokens == s.sample([tok.format_chat(chat.history[:1])], 12)[0].tokens
-  with pytest.raises(ValueError, match='the conversation so far'):
-    chat.send('x ' * 300, 12)
