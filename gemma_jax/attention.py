@@ -69,11 +69,13 @@ class Attention(nnx.Module):
     N, K, D, H = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     if c.fused_qkv:
-      self.qkv_einsum = Einsum((3, N, D, H), (None, 'heads', 'embed', 'head_dim'), (2,), **kw)
+      self.qkv_einsum = Einsum('BTD,CNDH->CBTNH', (3, N, D, H),
+                               (None, 'heads', 'embed', 'head_dim'), **kw)
     else:
-      self.q_einsum = Einsum((N, D, H), ('heads', 'embed', 'head_dim'), (1,), **kw)
-      self.kv_einsum = Einsum((2, K, D, H), (None, 'kv_heads', 'embed', 'head_dim'), (2,), **kw)
-    self.attn_vec_einsum = Einsum((N, H, D), ('heads', 'head_dim', 'embed'), (0, 1), **kw)
+      self.q_einsum = Einsum('BTD,NDH->BTNH', (N, D, H), ('heads', 'embed', 'head_dim'), **kw)
+      self.kv_einsum = Einsum('BTD,CKDH->CBTKH', (2, K, D, H),
+                              (None, 'kv_heads', 'embed', 'head_dim'), **kw)
+    self.attn_vec_einsum = Einsum('BTNH,NHD->BTD', (N, H, D), ('heads', 'head_dim', 'embed'), **kw)
     if c.use_qk_norm:
       self._query_norm = RMSNorm(H, 'head_dim', eps=c.rms_norm_eps, param_dtype=param_dtype)
       self._key_norm = RMSNorm(H, 'head_dim', eps=c.rms_norm_eps, param_dtype=param_dtype)
@@ -88,10 +90,10 @@ class Attention(nnx.Module):
     """Returns (out_BTD, new_cache). segment_ids: 0 marks padding; packed examples differ."""
     c = self.config
     if c.fused_qkv:
-      q_BTNH, k_BTKH, v_BTKH = self.qkv_einsum.project(x_BTD)  # 'BTD,CNDH->CBTNH'
+      q_BTNH, k_BTKH, v_BTKH = self.qkv_einsum(x_BTD)
     else:
-      q_BTNH = self.q_einsum.project(x_BTD)  # 'BTD,NDH->BTNH'
-      k_BTKH, v_BTKH = self.kv_einsum.project(x_BTD)  # 'BTD,CKDH->CBTKH'
+      q_BTNH = self.q_einsum(x_BTD)
+      k_BTKH, v_BTKH = self.kv_einsum(x_BTD)
     if c.use_qk_norm:
       q_BTNH, k_BTKH = self._query_norm(q_BTNH), self._key_norm(k_BTKH)
     q_BTNH = apply_rope(q_BTNH, positions_BT, base=self.rope_base, scale=self.rope_scale)
@@ -134,7 +136,7 @@ class Attention(nnx.Module):
           implementation='cudnn')
     else:
       enc_BTNH = self._attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-    return self.attn_vec_einsum.merge_heads(enc_BTNH), new_cache  # 'BTNH,NHD->BTD'
+    return self.attn_vec_einsum(enc_BTNH), new_cache
 
   def kernel(self) -> str:
     """'cudnn' or 'xla': the kernel of an uncached forward, by $GEMMA_JAX_ATTENTION if set, else

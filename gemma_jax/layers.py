@@ -13,7 +13,7 @@ One dimension alphabet serves every module, in einsum strings and array-name suf
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from flax import nnx
 LogicalAxes = tuple[str | None, ...]
 
 # Up to this many rows (B*T: decoding), projections batch their dot over the weight's leading axes
-# so that the weight is read in its stored layout (see `Einsum.project`).
+# so that the weight is read in its stored layout (see `einsum`).
 FEW_ROWS = 64
 
 
@@ -64,63 +64,135 @@ def fan_in_normal(fan_in_axes: Sequence[int]):
   return init
 
 
-def with_lora(module: nnx.Module, name: str, y: jax.Array, x: jax.Array, eq_in: str,
-              eq_out: str) -> jax.Array:
-  """`y` plus the low-rank update `scale * (x A) B` of weight `name` when gemma_jax.lora gave
-  `module` factors for it (`{name}_lora_a`, `{name}_lora_b`); else `y` unchanged.
+class EinsumLayout(NamedTuple):
+  """A projection equation taken apart ('BTD,CKDH->CBTKH'): the letters of the input, the weight
+  and the output; which weight axes lead the output as a stack of separate projections (C), which
+  it contracts with the input (its fan-in), and the rest (what it produces)."""
 
-  eq_in contracts x with A [stack..., in..., r]; eq_out the result with B [stack..., r, out...]
-  into y's layout. Computed in y's dtype, next to the frozen weight's matmul (never merged into
-  it, so a bf16 weight does not round the update away).
+  x: str
+  w: str
+  out: str
+  stack: tuple[int, ...]  # weight axes that are separate projections (k/v, q/k/v, gate/up)
+  contracted: tuple[int, ...]  # weight axes summed against the input
+  produced: tuple[int, ...]  # the other weight axes
+
+
+def einsum_layout(einsum_str: str) -> EinsumLayout:
+  """Parses a projection equation `x,w->out` (one letter per axis, no ellipsis)."""
+  inputs, out = einsum_str.replace(' ', '').split('->')
+  x, w = inputs.split(',')
+  stack = []
+  for i, c in enumerate(w):
+    if i < len(out) and out[i] == c and c not in x:
+      stack.append(i)
+    else:
+      break
+  contracted = tuple(i for i, c in enumerate(w) if c in x and c not in out)
+  produced = tuple(i for i in range(len(w)) if i not in stack and i not in contracted)
+  return EinsumLayout(x, w, out, tuple(stack), contracted, produced)
+
+
+def lora_einsums(einsum_str: str) -> tuple[str, str]:
+  """(x A, (x A) B): the equations of a LoRA pair for projection `einsum_str`, with A laid out
+  [stack, contracted, r] and B [stack, r, produced] ('BTD,CKDH->CBTKH' gives 'BTD,CDr->CBTr' and
+  'CBTr,CrKH->CBTKH'). r is the rank."""
+  lay = einsum_layout(einsum_str)
+  stack = ''.join(lay.w[i] for i in lay.stack)
+  a = stack + ''.join(lay.w[i] for i in lay.contracted) + 'r'
+  b = stack + 'r' + ''.join(lay.w[i] for i in lay.produced)
+  kept = set(stack) | {c for c in lay.x if c in lay.out}
+  xa = ''.join(c for c in lay.out if c in kept) + 'r'
+  return f'{lay.x},{a}->{xa}', f'{xa},{b}->{lay.out}'
+
+
+def einsum(einsum_str: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """`jnp.einsum(einsum_str, x, w)` for a projection, computed so the weight is read in its stored
+  layout: contracting its middle axis (D of [..., N, D, H]) otherwise makes XLA transpose (copy)
+  the whole weight on every call, which doubles the bytes a decode step moves.
+
+  - x's trailing axes against w's leading ones ('BTNH,NHD->BTD', 'BTF,FD->BTD'): one
+    [M, K] x [K, N] matmul.
+  - a weight [..., D, H] with few rows (M = B*T <= FEW_ROWS: decoding): one dot batched over the
+    weight's leading axes J. With many rows the transpose is negligible next to the matmul, and
+    broadcasting x over J would cost activation memory, so the plain einsum runs, once per
+    stacked projection (gate and up, k and v: each result comes out in its own layout, where one
+    einsum over the stack would make a transposed copy of the [C, B, T, ...] activations).
+  """
+  lay = einsum_layout(einsum_str)
+  k = len(lay.contracted)
+  summed = ''.join(lay.w[i] for i in lay.contracted)
+  if lay.x.endswith(summed) and lay.w.startswith(summed) and lay.out == lay.x[:-k] + lay.w[k:]:
+    lead_x, lead_w = x.shape[:-k], w.shape[:k]
+    y = x.reshape(-1, math.prod(lead_w)) @ w.reshape(math.prod(lead_w), -1)
+    return y.reshape(*lead_x, *w.shape[k:])
+  rows = math.prod(x.shape[:-1])
+  if k == 1 and lay.x[-1] == lay.w[-2] == summed and rows <= FEW_ROWS:
+    lead, D, H = w.shape[:-2], w.shape[-2], w.shape[-1]
+    J = math.prod(lead)
+    x_JMD = jnp.broadcast_to(x.reshape(1, rows, D), (J, rows, D))
+    out_JMH = jnp.einsum('JMD,JDH->JMH', x_JMD, w.reshape(J, D, H))
+    letters = lay.w[:-2] + lay.x[:-1] + lay.w[-1]
+    y = out_JMH.reshape(*lead, *x.shape[:-1], H)
+    return jnp.transpose(y, [letters.index(c) for c in lay.out])
+  if len(lay.stack) == 1 and lay.stack == (0,) and lay.out[0] == lay.w[0]:
+    one = f'{lay.x},{lay.w[1:]}->{lay.out[1:]}'
+    return jnp.stack([jnp.einsum(one, x, w[i]) for i in range(w.shape[0])])
+  return jnp.einsum(einsum_str, x, w)
+
+
+def einsum_param(rngs: nnx.Rngs, einsum_str: str, shape: Sequence[int], dtype,
+                 axes: LogicalAxes) -> nnx.Param:
+  """The weight of projection `einsum_str`: normal init with variance 1 / fan-in, the fan-in being
+  the axes the equation contracts."""
+  return param(rngs, fan_in_normal(einsum_layout(einsum_str).contracted), shape, dtype, axes)
+
+
+def with_lora(module: nnx.Module, name: str, y: jax.Array, x: jax.Array,
+              einsum_str: str) -> jax.Array:
+  """`y` plus the low-rank update `scale * (x A) B` of weight `name` (applied by `einsum_str`)
+  when gemma_jax.lora gave `module` factors for it (`{name}_lora_a`, `{name}_lora_b`); else `y`
+  unchanged. The factors' equations follow from the weight's (`lora_einsums`). Computed in y's
+  dtype, next to the frozen weight's matmul (never merged into it, so a bf16 weight does not
+  round the update away).
   """
   a = getattr(module, f'{name}_lora_a', None)
   if a is None:
     return y
   b = getattr(module, f'{name}_lora_b')
+  eq_in, eq_out = lora_einsums(einsum_str)
   xa = jnp.einsum(eq_in, x.astype(y.dtype), a[...].astype(y.dtype))
   update = jnp.einsum(eq_out, xa, b[...].astype(y.dtype))
   return y + update * jnp.asarray(getattr(module, f'{name}_lora_scale'), y.dtype)
 
 
 class Einsum(nnx.Module):
-  """A projection weight `w`: `project` for q/kv/qkv ([..., N, D, H]), `merge_heads` for the
-  attention output ([N, H, D])."""
+  """A projection: its equation and its weight `w`, e.g.
+  `Einsum('BTD,NDH->BTNH', (N, D, H), ('heads', 'embed', 'head_dim'))`.
 
-  def __init__(self, shape: Sequence[int], axes: LogicalAxes, fan_in_axes: Sequence[int], *,
+  The equation is the one statement of the projection: the weight's fan-in, the layout and
+  equations of its LoRA factors (gemma_jax.lora) and the kernel (`einsum`) all follow from it.
+  `einsums` maps each weight attribute to its equation, which is how gemma_jax.lora finds the
+  weights it can adapt.
+  """
+
+  def __init__(self, einsum_str: str, shape: Sequence[int], axes: LogicalAxes, *,
                rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
-    self.w = param(rngs, fan_in_normal(fan_in_axes), shape, param_dtype, axes)
+    lay = einsum_layout(einsum_str)
+    if len(lay.w) != len(shape):
+      raise ValueError(f'Einsum {einsum_str!r}: the weight has {len(shape)} axes, the equation '
+                       f'{len(lay.w)}.')
+    self.einsum_str = einsum_str
+    self.w = einsum_param(rngs, einsum_str, shape, param_dtype, axes)
     self.dtype = dtype
 
-  def project(self, x_BTD: jax.Array) -> jax.Array:
-    """einsum('BTD,...NDH->...BTNH') for a weight [..., N, D, H] (q, kv and fused qkv).
+  @property
+  def einsums(self) -> dict[str, str]:
+    return {'w': self.einsum_str}
 
-    With few rows (B*T <= FEW_ROWS, i.e. decoding) the weight's leading axes become batch axes of
-    the dot, so it is read in its stored layout: contracting its middle axis D otherwise makes XLA
-    transpose (copy) the whole weight on every call, which doubles the bytes a decode step moves.
-    With many rows that transpose is negligible next to the matmul, and broadcasting x per head
-    would cost activation memory, so the plain einsum stays.
-    """
-    x = x_BTD.astype(self.dtype)
-    w = self.w[...].astype(self.dtype)
-    B, T, D = x.shape
-    if B * T > FEW_ROWS:
-      y = jnp.einsum('BTD,...NDH->...BTNH', x, w)
-    else:
-      lead, H = w.shape[:-2], w.shape[-1]
-      J = math.prod(lead)
-      x_JMD = jnp.broadcast_to(x.reshape(1, B * T, D), (J, B * T, D))
-      out_JMH = jnp.einsum('JMD,JDH->JMH', x_JMD, w.reshape(J, D, H))
-      y = jnp.moveaxis(out_JMH.reshape(*lead, B, T, H), len(lead) - 1, -2)
-    return with_lora(self, 'w', y, x, 'BTD,...Dr->...BTr', '...BTr,...rNH->...BTNH')
-
-  def merge_heads(self, x_BTNH: jax.Array) -> jax.Array:
-    """einsum('BTNH,NHD->BTD') for a weight [N, H, D], as one [B*T, N*H] x [N*H, D] matmul (a
-    layout XLA reads without copying the weight)."""
-    B, T, N, H = x_BTNH.shape
-    x_BTNH = x_BTNH.astype(self.dtype)
-    w_ND = self.w[...].astype(self.dtype).reshape(N * H, -1)
-    y_BTD = (x_BTNH.reshape(B * T, N * H) @ w_ND).reshape(B, T, -1)
-    return with_lora(self, 'w', y_BTD, x_BTNH, 'BTNH,NHr->BTr', 'BTr,rD->BTD')
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    y = einsum(self.einsum_str, x, self.w[...].astype(self.dtype))
+    return with_lora(self, 'w', y, x, self.einsum_str)
 
 
 class RMSNorm(nnx.Module):

@@ -11,8 +11,8 @@ from flax import nnx
 
 from gemma_jax.attention import Attention, init_layer_cache
 from gemma_jax.config import ModelConfig
-from gemma_jax.layers import (FEW_ROWS, RMSNorm, fan_in_normal, param, param_name, soft_cap,
-                              with_lora)
+from gemma_jax.layers import (RMSNorm, einsum, einsum_param, fan_in_normal, param, param_name,
+                              soft_cap, with_lora)
 from gemma_jax.sharding import constrain
 
 Cache = dict[str, Any]  # {'end_index': int32 scalar, 'layers': [layer cache, ...]}
@@ -53,28 +53,28 @@ class Embedder(nnx.Module):
 class FeedForward(nnx.Module):
   """GeGLU: gelu_tanh(x W_gate) * (x W_up), then W_down. gating_einsum is (2, D, F)."""
 
+  GATING = 'BTD,CDF->CBTF'  # C: gate and up
+  LINEAR = 'BTF,FD->BTD'
+
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
     D, F = config.embed_dim, config.hidden_dim
-    self.gating_einsum = param(rngs, fan_in_normal((1,)), (2, D, F), param_dtype,
-                               (None, 'embed', 'mlp'))
-    self.linear = param(rngs, fan_in_normal((0,)), (F, D), param_dtype, ('mlp', 'embed'))
+    self.gating_einsum = einsum_param(rngs, self.GATING, (2, D, F), param_dtype,
+                                      (None, 'embed', 'mlp'))
+    self.linear = einsum_param(rngs, self.LINEAR, (F, D), param_dtype, ('mlp', 'embed'))
     self.dtype = dtype
 
+  @property
+  def einsums(self) -> dict[str, str]:
+    """Each weight's equation (what gemma_jax.lora adapts)."""
+    return {'gating_einsum': self.GATING, 'linear': self.LINEAR}
+
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    w_2DF = self.gating_einsum[...].astype(self.dtype)
-    B, T, D = x_BTD.shape
-    if B * T <= FEW_ROWS:  # decoding: one dot batched over (gate, up) reads w in its stored layout
-      x_2MD = jnp.broadcast_to(x_BTD.reshape(1, B * T, D), (2, B * T, D))
-      gate_BTF, up_BTF = jnp.einsum('CMD,CDF->CMF', x_2MD, w_2DF).reshape(2, B, T, -1)
-    else:
-      gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[0])
-      up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_2DF[1])
-    if hasattr(self, 'gating_einsum_lora_a'):  # LoRA factors (gemma_jax.lora), one per half
-      gate_BTF, up_BTF = with_lora(self, 'gating_einsum', jnp.stack([gate_BTF, up_BTF]), x_BTD,
-                                   'BTD,CDr->CBTr', 'CBTr,CrF->CBTF')
+    x_BTD = x_BTD.astype(self.dtype)
+    gate_up_CBTF = einsum(self.GATING, x_BTD, self.gating_einsum[...].astype(self.dtype))
+    gate_BTF, up_BTF = with_lora(self, 'gating_einsum', gate_up_CBTF, x_BTD, self.GATING)
     act_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
-    y_BTD = jnp.einsum('BTF,FD->BTD', act_BTF, self.linear[...].astype(self.dtype))
-    return with_lora(self, 'linear', y_BTD, act_BTF, 'BTF,Fr->BTr', 'BTr,rD->BTD')
+    y_BTD = einsum(self.LINEAR, act_BTF, self.linear[...].astype(self.dtype))
+    return with_lora(self, 'linear', y_BTD, act_BTF, self.LINEAR)
 
 
 class Block(nnx.Module):
