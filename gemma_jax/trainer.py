@@ -40,6 +40,7 @@ from gemma_jax.train_state import State, state_shardings
 
 if TYPE_CHECKING:
   import ml_collections
+
 Batch = Mapping[str, jax.Array]
 
 
