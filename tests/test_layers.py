@@ -146,6 +146,16 @@ def _force(monkeypatch, few_rows):
   monkeypatch.setattr(layers, 'FEW_ROWS', few_rows)
 
 
+def _assert_both_paths_equal(monkeypatch, fn, want):
+  """fn() on the few-rows path and on the many-rows path: each equals `want`, and each other."""
+  got = {}
+  for name, few_rows in (('few', FEW), ('many', MANY)):
+    _force(monkeypatch, few_rows)
+    got[name] = fn()
+    np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(got['few'], got['many'], rtol=1e-5, atol=1e-6)
+
+
 def test_real_threshold_is_between_the_row_counts():
   """The two row counts below straddle the default switch, so default calls take both paths."""
   assert layers.FEW_ROWS == 64
@@ -165,12 +175,7 @@ def test_einsum_paths_agree_with_plain_einsum(monkeypatch, eq, shape, rows):
   x_shape = (*ROWS[rows], *shape[:2]) if eq.startswith('BTNH') else (*ROWS[rows], shape[-2])
   x = _normal(x_shape, seed=1)
   want = jnp.einsum(eq, x, e.w[...], precision='highest')
-  got = {}
-  for name, few_rows in (('few', FEW), ('many', MANY)):
-    _force(monkeypatch, few_rows)
-    got[name] = e(x)
-    np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
-  np.testing.assert_allclose(got['few'], got['many'], rtol=1e-5, atol=1e-6)
+  _assert_both_paths_equal(monkeypatch, lambda: e(x), want)
 
 
 @pytest.mark.parametrize('rows', list(ROWS))
@@ -184,12 +189,7 @@ def test_feed_forward_paths_agree_with_plain_geglu(monkeypatch, rows):
   up = jnp.einsum('BTD,DF->BTF', x, w[1], precision='highest')
   want = jnp.einsum('BTF,FD->BTD', jax.nn.gelu(gate, approximate=True) * up, ff.linear[...],
                     precision='highest')
-  got = {}
-  for name, few_rows in (('few', FEW), ('many', MANY)):
-    _force(monkeypatch, few_rows)
-    got[name] = ff(x)
-    np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
-  np.testing.assert_allclose(got['few'], got['many'], rtol=1e-5, atol=1e-6)
+  _assert_both_paths_equal(monkeypatch, lambda: ff(x), want)
 
 
 def _lora_model(config):
