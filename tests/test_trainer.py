@@ -96,6 +96,16 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+def _assert_adamw_params_close(a, b, rtol=1e-5):
+  """Per tensor, ||a - b|| <= rtol ||b||. Norm-wise, not element-wise: AdamW's first step moves
+  each weight by about lr * sign(grad), so an entry whose gradient is ~0 up to float rounding
+  (summed in another order) may move differently; the tensor as a whole may not (as in
+  tests/_sharded_cases.py)."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    x, y = np.asarray(x), np.asarray(y)
+    assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), np.linalg.norm(x - y)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss: masking, normalisation, packing, accumulation.
 
@@ -189,7 +199,7 @@ def test_head_fused_loss_chunks_give_the_same_step(tok, name):
   for state, metrics in runs.values():
     for key in ('loss', 'accuracy', 'grad_norm'):
       np.testing.assert_allclose(float(metrics[key]), float(want[key]), rtol=1e-5)
-    _assert_trees_close(state['params'], want_state['params'], rtol=1e-5, atol=1e-6)
+    _assert_adamw_params_close(state['params'], want_state['params'])
   evals = [jax.jit(trainer.make_eval_step(graphdef, rest, c))(params, batch) for c in (0, 8)]
   for key in ('loss_sum', 'correct_sum', 'count'):
     np.testing.assert_allclose(float(evals[1][key]), float(evals[0][key]), rtol=1e-6)
