@@ -134,7 +134,7 @@ def einsum(einsum_str: str, x: jax.Array, w: jax.Array) -> jax.Array:
     letters = lay.w[:-2] + lay.x[:-1] + lay.w[-1]
     y = out_JMH.reshape(*lead, *x.shape[:-1], H)
     return jnp.transpose(y, [letters.index(c) for c in lay.out])
-  if len(lay.stack) == 1 and lay.stack == (0,) and lay.out[0] == lay.w[0]:
+  if lay.stack == (0,):
     one = f'{lay.x},{lay.w[1:]}->{lay.out[1:]}'
     return jnp.stack([jnp.einsum(one, x, w[i]) for i in range(w.shape[0])])
   return jnp.einsum(einsum_str, x, w)
@@ -187,6 +187,7 @@ class Einsum(nnx.Module):
 
   @property
   def einsums(self) -> dict[str, str]:
+    """{'w': the equation}: the weight gemma_jax.lora may adapt."""
     return {'w': self.einsum_str}
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -18,14 +18,16 @@ the mesh axes ('data', 'fsdp', 'tensor'):
 A dimension that does not divide the product of its mesh axes is replicated (MQA has K = 1), and
 a mesh axis is used at most once per array (the first dimension that claims it wins).
 
-Typical use (what the trainer does):
+Typical use:
 ```
 mesh = make_mesh(config.mesh)                       # {'data': 1, 'fsdp': -1, 'tensor': 1}
 rules = ShardingRules.from_config(config.get('sharding_rules'))
 model = create_sharded_model(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
 with use_mesh(mesh, rules):                          # enables `constrain` inside the model
-  state = train_step(state, distributed.put_batch(numpy_batch, mesh, rules))
+  logits, _ = jax.jit(forward)(params, tokens)
 ```
+A function that knows its mesh enters `tracing_under(mesh, rules)` in its own body instead, so it
+is constrained the same whoever traces it: the trainer's steps do (gemma_jax.trainer).
 Batches per process, gradient accumulation and multi-process start-up: gemma_jax/distributed.py.
 """
 

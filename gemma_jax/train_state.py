@@ -77,10 +77,10 @@ class TrainStatePlan:
   lora: bool  # params are LoRA adapters and the state carries the 'frozen' base
 
   def describe_lora(self) -> str:
-    """One line: how many parameters train, against the frozen base."""
+    """How many parameters train, against the frozen base (for the job's progress output)."""
     count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
     n, base = count(self.abstract['params']), count(self.abstract['frozen'])
-    return f'LoRA: {n:,} trained parameters ({100 * n / base:.2f}% of the {base:,} frozen base weights).'
+    return f'{n:,} trained parameters ({100 * n / base:.2f}% of the {base:,} frozen base weights).'
 
 
 def plan_train_state(mc: ModelConfig, config: ml_collections.ConfigDict, mesh: Mesh,

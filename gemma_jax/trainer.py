@@ -206,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_iter.set_state(data_state)
     _say(f'Resuming from the checkpoint at step {resume_step} in {workdir}.')
   if plan.lora:
-    _say(f'LoRA rank {config.lora.rank}, alpha {config.lora.alpha:g}. {plan.describe_lora()}')
+    _say(f'LoRA rank {config.lora.rank}, alpha {config.lora.alpha:g}: {plan.describe_lora()}')
 
   graphdef, rest = plan.graphdef, plan.rest
   step_fn = jit_train_step(

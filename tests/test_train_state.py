@@ -58,7 +58,7 @@ def test_lora_state_trains_fresh_adapters_over_the_frozen_base():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
   assert jax.tree.structure(state['opt_state']) == jax.tree.structure(plan.abstract['opt_state'])
   n = mc.num_layers * 2 * (mc.hidden_dim + mc.embed_dim)  # rank 2: A [F, 2] and B [2, D]
-  assert plan.describe_lora().startswith(f'LoRA: {n:,} trained parameters')
+  assert plan.describe_lora().startswith(f'{n:,} trained parameters (0.75% of the')
 
 
 def test_init_state_and_split_model():
