@@ -7,7 +7,8 @@ model.init='gguf' with init_path='package' assembles the GGUF file shipped by th
 and takes the real Gemma 3 tokenizer from it; any other init_path is a .gguf file. Full
 fine-tuning in float32 master weights (268M parameters, ~4.3 GB with AdamW). Exact match on
 held-out letter reversal is printed before and after training. On a GPU add
---config.model.dtype=bfloat16 and raise batch_size/steps; the defaults take 5-20 minutes on 2 CPU cores.
+--config.model.dtype=bfloat16 and raise batch_size/steps; the defaults take 5-20 minutes on 2
+CPU cores.
 """
 
 import os
