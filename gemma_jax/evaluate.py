@@ -34,7 +34,8 @@ def held_out_loss(eval_step, params: nnx.State, batches: Iterator[Mapping[str, n
     return {}
   totals = jax.device_get(totals)
   count = max(float(totals['count']), 1.0)
-  return {'loss': float(totals['loss_sum']) / count, 'accuracy': float(totals['correct_sum']) / count}
+  return {'loss': float(totals['loss_sum']) / count,
+          'accuracy': float(totals['correct_sum']) / count}
 
 
 def split_prompt_reference(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict], str]:

@@ -1,4 +1,4 @@
-"""Where a training job starts: its model config, tokenizer and initial weights, from `config.model`.
+"""Where a training job starts: its model config, tokenizer and initial weights (`config.model`).
 
 `model.init` names the source: 'none' (random, `seed`), 'native' (a `checkpoint.save_params`
 directory), 'hf' (a `save_pretrained` directory), 'gguf' (a .gguf file, or 'package' for the
@@ -66,8 +66,9 @@ def _source_config_and_tokenizer(config: ml_collections.ConfigDict):
       mc = config_from_hf(json.load(f), os.path.join(path, 'config.json'))
     tok = os.path.join(path, TOKENIZER_FILE)
     return mc, tok if os.path.isfile(tok) else None
-  from gemma_jax.convert.gguf import config_from_gguf, open_gguf  # pylint: disable=g-import-not-at-top
-  from gemma_jax.convert.gguf_tokenizer import tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from gemma_jax.convert.gguf import config_from_gguf, open_gguf
+  from gemma_jax.convert.gguf_tokenizer import tokenizer_from_gguf
   reader = open_gguf(path)
   return config_from_gguf(reader, path), tokenizer_from_gguf(reader)
 

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the modules: RMSNorm, Einsum, RoPE, soft-capping, parameter names.
+"""Building blocks shared by the modules: RMSNorm, Einsum, RoPE, soft-capping, parameter names.
 
 One dimension alphabet serves every module, in einsum strings and array-name suffixes (`x_BTD`):
   B batch            T query length      S key / cache length   D embed (model width)

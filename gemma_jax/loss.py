@@ -2,12 +2,12 @@
 
 The output head of a 256K-vocabulary model makes the biggest activation of a training step: the
 float32 logits [B, T, V] (16.8 GB for 8 x 2048 tokens), kept for the backward pass together with
-their gradient. `head_loss_sums` never makes them whole. It walks the sequence `chunk` tokens at a
-time (a `lax.scan`); each chunk makes its logits [B, U, V] (U = `chunk` tokens), reduces them to the loss, and computes
-its share of the two head gradients there and then: d/dx for the chunk's hidden states and d/dW
-added into a float32 accumulator of the (tied) embedding table. The backward pass only scales these
-by the incoming cotangent (a `jax.custom_vjp`), so nothing is recomputed: the FLOPs are those of
-the unfused head, and memory holds one chunk's logits instead of all of them.
+their gradient. `head_loss_sums` never makes them whole. It walks the sequence U = `chunk` tokens
+at a time (a `lax.scan`); each chunk makes its logits [B, U, V], reduces them to the loss, and
+computes its share of the two head gradients there and then: d/dx for the chunk's hidden states
+and d/dW added into a float32 accumulator of the (tied) embedding table. The backward pass only
+scales these by the incoming cotangent (a `jax.custom_vjp`), so nothing is recomputed: the FLOPs
+are those of the unfused head, and memory holds one chunk's logits instead of all of them.
 
 Under a mesh the accumulator keeps one [V, D] partial sum per batch shard ([P, V, D], P over the
 batch mesh axes), so the head gradient is reduced across devices once per step, as in the unfused

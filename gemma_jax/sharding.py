@@ -341,7 +341,8 @@ def use_mesh(mesh: Mesh, rules: ShardingRules | Mapping | None = None) -> Iterat
 
 
 @contextlib.contextmanager
-def tracing_under(mesh: Mesh | None, rules: ShardingRules | Mapping | None = None) -> Iterator[None]:
+def tracing_under(mesh: Mesh | None,
+                  rules: ShardingRules | Mapping | None = None) -> Iterator[None]:
   """What `constrain` reads while a function is traced: `mesh` (its abstract form: allowed inside
   jit) and `rules`. A jitted step enters it in its own body, so its activation constraints are
   the same whoever traces it, inside `use_mesh` or not. `mesh` None changes nothing."""

@@ -285,7 +285,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_vocab_mismatch_is_refused(tmp_path):
   c = small_config(tmp_path, **{'model.vocab_size': 64})
-  with pytest.raises(train_config.ConfigError, match='128 pieces but the model has only 64 embedding rows'):
+  with pytest.raises(train_config.ConfigError,
+                     match='128 pieces but the model has only 64 embedding rows'):
     trainer.train(c, str(tmp_path / 'run'))
 
 
