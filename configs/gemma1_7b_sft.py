@@ -21,5 +21,5 @@ def get_config():
   c.model.remat = 'full'
   c.loss_chunk = 512
   c.optimizer.grad_accum_steps = 2
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 2  # FSDP x 2-way tensor parallel
+  c.mesh.tensor = 2  # 2-way tensor parallel x FSDP over the other devices (mesh.fsdp = -1)
   return c

@@ -64,3 +64,80 @@ def test_model_kwargs_follow_the_config():
   model = train_config.abstract_model(train_config.model_config(_config()), _config(
       **{'model.attention': 'xla'}))
   assert {block.attn.impl for block in model.layers} == {'xla'}
+
+
+def test_unknown_and_bad_config_keys():
+  c = _config()
+  c.unlock()
+  c.optimizer.warmup = 3
+  with pytest.raises(ConfigError, match=r"optimizer\.warmup"):
+    validate_config(c)
+  c = _config(**{'optimizer.grad_accum_steps': 3})
+  with pytest.raises(ConfigError, match='not a multiple'):
+    validate_config(c)
+  c = _config(loss_chunk=-1)
+  with pytest.raises(ConfigError, match=r'config\.loss_chunk=-1'):
+    validate_config(c)
+
+
+@pytest.mark.parametrize('name', ['quickstart', 'gemma3_270m_sft', 'gemma3_270m_lora',
+                                  'gemma1_2b_sft', 'gemma1_7b_sft'])
+def test_shipped_configs_are_valid(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # this machine's devices
+  if c.model.init != 'none' and not c.model.init_path:  # 2B/7B ask for the user's checkpoint
+    with pytest.raises(ConfigError, match='init_path'):
+      validate_config(c)
+    c.model.init_path = '/path/to/checkpoint'
+  validate_config(c)
+  model = train_config.abstract_model(train_config.model_config(c), c)
+  assert model.config.name == c.model.preset
+
+
+CONFIGS = ['quickstart', 'gemma3_270m_sft', 'gemma3_270m_lora', 'gemma1_2b_sft', 'gemma1_7b_sft']
+
+
+def _literal_settings(name):
+  """{dotted key: value} of every `c.a.b = literal` in a config file's get_config, and the
+  config module it starts from ('' = base_config)."""
+  import ast
+  with open(os.path.join(ROOT, 'configs', f'{name}.py')) as f:
+    tree = ast.parse(f.read())
+  base = next((a.name for n in tree.body if isinstance(n, ast.ImportFrom)
+               and n.module == 'configs' for a in n.names), '')
+  settings = {}
+  for node in ast.walk(tree):
+    if not isinstance(node, ast.Assign):
+      continue
+    targets, values = node.targets[0], node.value
+    pairs = (zip(targets.elts, values.elts) if isinstance(targets, ast.Tuple)
+             else [(targets, values)])
+    for target, value in pairs:
+      key = ast.unparse(target)
+      if key.startswith('c.'):
+        try:
+          settings[key[2:]] = ast.literal_eval(value)
+        except ValueError:
+          pass  # computed (paths): not a default
+  return settings, base
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_shipped_configs_set_only_what_differs_from_their_base(name):
+  """A config repeats no value of the config it starts from (base_config or a sibling); only
+  the model preset, a job's identity, is always stated."""
+  import importlib
+  settings, base = _literal_settings(name)
+  start = (importlib.import_module(f'configs.{base}').get_config() if base
+           else train_config.base_config())
+  assert settings, name
+  for key, value in settings.items():
+    if key == 'model.preset':
+      continue
+    group, _, leaf = key.rpartition('.')
+    before = (start[group] if group else start)[leaf]
+    assert value != before, f'configs/{name}.py sets {key} = {value!r}, which is already so'
