@@ -29,7 +29,7 @@ DEFAULT_TARGETS = '.*'  # every attention and MLP projection (never the embeddin
 
 def _weights(model: Transformer):
   """(owner module, attribute, dotted name, equation) of every targetable weight."""
-  for path, module in model.iter_modules():
+  for path, module in nnx.iter_modules(model):
     for attr, einsum_str in getattr(module, 'einsums', {}).items():
       yield module, attr, param_name(tuple(path) + (attr,)), einsum_str
 

@@ -108,7 +108,7 @@ def create_train_state(plan: TrainStatePlan, mc: ModelConfig,
   else:
     params, frozen = initial_params(mc, config, shardings['params']), None
   return jax.jit(lambda p, f: init_state(p, plan.tx, config.seed, f),
-                 out_shardings=shardings, donate_argnums=(0,))(params, frozen)
+                 out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
 
 
 def resume_train_state(plan: TrainStatePlan, manager, step: int, mc: ModelConfig,
