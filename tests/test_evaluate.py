@@ -60,11 +60,17 @@ def test_exact_match_and_examples():
 
 
 def test_exact_match_eval_scores_what_the_sampler_answers():
-  """A model that answers every prompt the same way scores the share of references it equals."""
+  """Greedy answers are deterministic: references set to two of the three answers score 2/3, and
+  each sample pairs a prompt with its own answer and reference."""
   tok = Tokenizer(TOKENIZER)
   model = Transformer(get_preset('tiny-gemma1').replace(vocab_size=128), rngs=nnx.Rngs(0))
-  examples = [([{'role': 'user', 'content': f'Reverse the letters: {x}'}], x) for x in 'abc']
-  result = evaluate.exact_match_eval(model, tok, examples, max_new_tokens=4, batch_size=2)
-  predictions = [p for _, p, _ in result['samples']]
-  assert len(predictions) == 3 and [r for _, _, r in result['samples']] == list('abc')
-  assert result['exact_match'] == evaluate.exact_match(predictions, list('abc'))
+  prompts = [[{'role': 'user', 'content': f'Reverse the letters: {x}'}] for x in 'abc']
+  first = evaluate.exact_match_eval(model, tok, [(m, 'unused') for m in prompts],
+                                    max_new_tokens=4, batch_size=2)
+  answers = [p for _, p, _ in first['samples']]
+  references = [answers[0], answers[1] + ' and more', answers[2]]
+  result = evaluate.exact_match_eval(model, tok, list(zip(prompts, references)),
+                                     max_new_tokens=4, batch_size=2)
+  assert result['exact_match'] == pytest.approx(2 / 3)
+  assert result['samples'] == [(m[-1]['content'], a, r)
+                               for m, a, r in zip(prompts, answers, references)]
