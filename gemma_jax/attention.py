@@ -11,6 +11,10 @@ cache_length and write the T new tokens at slots end_index..end_index+T-1. LOCAL
 buffer of their window only (S = window): they attend over the ring plus the new chunk, then keep the
 newest S entries. All rows share slot indices, so rows of different lengths must be left-padded
 (segment id 0 on the padding): every row's newest tokens then sit in the newest slots.
+
+Gemma 4's KV-shared layers own no k/v weights and no cache: they attend over the keys, values and
+key positions their source layer (`ModelConfig.kv_source`) attended over in the same forward,
+which each layer returns for that purpose (`SharedKV`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from flax import nnx
 
 from gemma_jax.config import AttentionType, ModelConfig
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, soft_cap
+
+# What a layer attended over, handed to the KV-shared layers that reuse it: keys [B,S,K,H],
+# values [B,S,K,H], key positions [B,S] (-1: hidden) and, in uncached forwards, the same-segment
+# mask [B,T,S] (None with a cache).
+SharedKV = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]
 
 # Kernels for uncached forwards (training, scoring), chosen per model (`Transformer(attention=)`,
 # config.model.attention): 'auto' takes cuDNN flash attention on GPU where it applies (no logit
@@ -46,7 +55,7 @@ def init_layer_cache(config: ModelConfig, attn_type: AttentionType, batch_size: 
                      cache_length: int, dtype) -> dict[str, jax.Array]:
   """An empty cache for one layer: zero k/v and pos = -1 (no slot filled)."""
   s = layer_cache_length(config, attn_type, cache_length)
-  shape = (batch_size, s, config.num_kv_heads, config.head_dim)
+  shape = (batch_size, s, config.layer_kv_heads(attn_type), config.layer_head_dim(attn_type))
   return {
       'k': jnp.zeros(shape, dtype),
       'v': jnp.zeros(shape, dtype),
@@ -55,10 +64,14 @@ def init_layer_cache(config: ModelConfig, attn_type: AttentionType, batch_size: 
 
 
 class Attention(nnx.Module):
-  """One attention layer; `attn_type` selects global or sliding-window (local) attention."""
+  """One attention layer; `attn_type` selects global or sliding-window (local) attention.
+
+  `kv_shared`: a Gemma 4 layer that reuses another layer's keys and values (no k/v weights).
+  """
 
   def __init__(self, config: ModelConfig, attn_type: AttentionType, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = 'auto'):
+               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = 'auto',
+               kv_shared: bool = False):
     if impl not in ATTENTION_IMPLS:
       raise ValueError(f'Unknown attention kernel {impl!r}; choose one of {ATTENTION_IMPLS}.')
     c = config
@@ -66,57 +79,71 @@ class Attention(nnx.Module):
     self.attn_type = attn_type
     self.dtype = dtype
     self.impl = impl
-    N, K, D, H = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
+    self.kv_shared = kv_shared
+    N, D = c.num_heads, c.embed_dim
+    K, H = c.layer_kv_heads(attn_type), c.layer_head_dim(attn_type)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     if c.fused_qkv:
       self.qkv_einsum = Einsum('BTD,CNDH->CBTNH', (3, N, D, H),
                                (None, 'heads', 'embed', 'head_dim'), **kw)
     else:
       self.q_einsum = Einsum('BTD,NDH->BTNH', (N, D, H), ('heads', 'embed', 'head_dim'), **kw)
-      self.kv_einsum = Einsum('BTD,CKDH->CBTKH', (2, K, D, H),
-                              (None, 'kv_heads', 'embed', 'head_dim'), **kw)
+      if kv_shared:  # reuses its source layer's keys and values: no k/v weights
+        pass
+      elif c.k_eq_v(attn_type):
+        self.k_einsum = Einsum('BTD,KDH->BTKH', (K, D, H), ('kv_heads', 'embed', 'head_dim'), **kw)
+      else:
+        self.kv_einsum = Einsum('BTD,CKDH->CBTKH', (2, K, D, H),
+                                (None, 'kv_heads', 'embed', 'head_dim'), **kw)
     self.attn_vec_einsum = Einsum('BTNH,NHD->BTD', (N, H, D), ('heads', 'head_dim', 'embed'), **kw)
+    norm = dict(eps=c.rms_norm_eps, param_dtype=param_dtype, plus_one=c.norm_plus_one)
     if c.use_qk_norm:
-      self._query_norm = RMSNorm(H, 'head_dim', eps=c.rms_norm_eps, param_dtype=param_dtype)
-      self._key_norm = RMSNorm(H, 'head_dim', eps=c.rms_norm_eps, param_dtype=param_dtype)
+      self._query_norm = RMSNorm(H, 'head_dim', **norm)
+      if not kv_shared:
+        self._key_norm = RMSNorm(H, 'head_dim', **norm)
+    if c.family >= 4 and not kv_shared:
+      self._value_norm = RMSNorm(H, 'head_dim', with_scale=False, **norm)
     local = attn_type == AttentionType.LOCAL
     self.rope_base = c.rope_base_local if local else c.rope_base_global
     self.rope_scale = c.rope_scale_local if local else c.rope_scale_global
+    self.rope_fraction = 1.0 if local else c.rope_fraction_global
     self.window = c.sliding_window if local else None
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
                cache: dict[str, jax.Array] | None = None, end_index: jax.Array | None = None,
-               ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """Returns (out_BTD, new_cache). segment_ids: 0 marks padding; packed examples differ."""
+               shared_kv: SharedKV | None = None,
+               ) -> tuple[jax.Array, dict[str, jax.Array] | None, SharedKV]:
+    """Returns (out_BTD, new_cache, what it attended over). segment_ids: 0 marks padding; packed
+    examples differ. A KV-shared layer takes its source layer's `shared_kv` and has no cache."""
     c = self.config
+    rope = dict(base=self.rope_base, scale=self.rope_scale, fraction=self.rope_fraction)
     if c.fused_qkv:
       q_BTNH, k_BTKH, v_BTKH = self.qkv_einsum(x_BTD)
     else:
       q_BTNH = self.q_einsum(x_BTD)
-      k_BTKH, v_BTKH = self.kv_einsum(x_BTD)
+      if hasattr(self, 'k_einsum'):
+        k_BTKH = self.k_einsum(x_BTD)
+        v_BTKH = k_BTKH  # the projection, before the key norm and RoPE
+      elif hasattr(self, 'kv_einsum'):
+        k_BTKH, v_BTKH = self.kv_einsum(x_BTD)
     if c.use_qk_norm:
-      q_BTNH, k_BTKH = self._query_norm(q_BTNH), self._key_norm(k_BTKH)
-    q_BTNH = apply_rope(q_BTNH, positions_BT, base=self.rope_base, scale=self.rope_scale)
-    k_BTKH = apply_rope(k_BTKH, positions_BT, base=self.rope_base, scale=self.rope_scale)
+      q_BTNH = self._query_norm(q_BTNH)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, **rope)
     q_BTNH = q_BTNH * jnp.asarray(c.query_scale, q_BTNH.dtype)
 
-    # Key positions of the new tokens; -1 hides padding from every query, now and later.
-    kpos_BT = jnp.where(segment_ids_BT != 0, positions_BT, -1)
-    if cache is None:
-      k_BSKH, v_BSKH, kpos_BS, new_cache = k_BTKH, v_BTKH, kpos_BT, None
-      same_segment_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    elif self.window is not None:
-      k_BSKH, v_BSKH, kpos_BS, new_cache = _ring_attend_and_update(
-          cache, k_BTKH, v_BTKH, kpos_BT, end_index)
-      same_segment_BTS = None
+    if self.kv_shared:
+      if shared_kv is None:
+        raise ValueError('Attention: a KV-shared layer needs its source layer\'s keys (shared_kv).')
+      k_BSKH, v_BSKH, kpos_BS, same_segment_BTS = shared_kv
+      new_cache = None
     else:
-      new_cache = {
-          'k': _write(cache['k'], k_BTKH, end_index),
-          'v': _write(cache['v'], v_BTKH, end_index),
-          'pos': _write(cache['pos'], kpos_BT, end_index),
-      }
-      k_BSKH, v_BSKH, kpos_BS = new_cache['k'], new_cache['v'], new_cache['pos']
-      same_segment_BTS = None
+      if c.use_qk_norm:
+        k_BTKH = self._key_norm(k_BTKH)
+      if hasattr(self, '_value_norm'):
+        v_BTKH = self._value_norm(v_BTKH)
+      k_BTKH = apply_rope(k_BTKH, positions_BT, **rope)
+      k_BSKH, v_BSKH, kpos_BS, same_segment_BTS, new_cache = self._keys(
+          k_BTKH, v_BTKH, positions_BT, segment_ids_BT, cache, end_index)
 
     qpos_BT1 = positions_BT[:, :, None]
     kpos_B1S = kpos_BS[:, None, :]
@@ -126,6 +153,7 @@ class Attention(nnx.Module):
     if same_segment_BTS is not None:
       mask_BTS &= same_segment_BTS
 
+    kv = (k_BSKH, v_BSKH, kpos_BS, same_segment_BTS)
     k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
     if cache is None and self.kernel() == 'cudnn':
       # Causality and the window by index; equal to the position rule for packed rows, whose
@@ -136,7 +164,26 @@ class Attention(nnx.Module):
           implementation='cudnn')
     else:
       enc_BTNH = self._attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-    return self.attn_vec_einsum(enc_BTNH), new_cache
+    return self.attn_vec_einsum(enc_BTNH), new_cache, kv
+
+  def _keys(self, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, cache, end_index):
+    """(keys, values, key positions, same-segment mask or None, new cache) of this layer's
+    attention: the new tokens alone without a cache, else the cache with them written in."""
+    # Key positions of the new tokens; -1 hides padding from every query, now and later.
+    kpos_BT = jnp.where(segment_ids_BT != 0, positions_BT, -1)
+    if cache is None:
+      same_segment_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+      return k_BTKH, v_BTKH, kpos_BT, same_segment_BTS, None
+    if self.window is not None:
+      k_BSKH, v_BSKH, kpos_BS, new_cache = _ring_attend_and_update(
+          cache, k_BTKH, v_BTKH, kpos_BT, end_index)
+      return k_BSKH, v_BSKH, kpos_BS, None, new_cache
+    new_cache = {
+        'k': _write(cache['k'], k_BTKH, end_index),
+        'v': _write(cache['v'], v_BTKH, end_index),
+        'pos': _write(cache['pos'], kpos_BT, end_index),
+    }
+    return new_cache['k'], new_cache['v'], new_cache['pos'], None, new_cache
 
   def kernel(self) -> str:
     """'cudnn' or 'xla': the kernel of an uncached forward, by $GEMMA_JAX_ATTENTION if set, else

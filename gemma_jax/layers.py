@@ -7,7 +7,9 @@ One dimension alphabet serves every module, in einsum strings and array-name suf
   L layers           C stacked projections of one weight (k/v, q/k/v, gate/up)
   M rows of a flattened batch (B x T)    J flattened leading axes of a weight (C x N)
   U tokens per chunk of the head-fused loss, n chunks            P batch shards, b rows per shard
-  O the sampler's generated tokens       k top-k candidates      r LoRA rank
+  O the sampler's generated tokens       k top-k candidates (also: experts per token)
+  r LoRA rank        I per-layer input width (Gemma 4)          E experts
+  R routed rows: a flattened batch's (token, expert) pairs, sorted by expert (M x k)
 """
 
 from __future__ import annotations
@@ -197,28 +199,43 @@ class Einsum(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32 and cast back to x's dtype."""
+  """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32 and cast back to x's dtype.
 
-  def __init__(self, dim: int, axis_name: str, *, eps: float = 1e-6, param_dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=(axis_name,))
+  `plus_one=False` multiplies by `scale` itself, initialised to ones (Gemma 4);
+  `with_scale=False` has no parameter at all (Gemma 4's value and router norms).
+  """
+
+  def __init__(self, dim: int, axis_name: str, *, eps: float = 1e-6, param_dtype=jnp.float32,
+               plus_one: bool = True, with_scale: bool = True):
+    if with_scale:
+      init = jnp.zeros if plus_one else jnp.ones
+      self.scale = nnx.Param(init((dim,), param_dtype), logical_axes=(axis_name,))
     self.eps = eps
+    self.offset = 1.0 if plus_one else 0.0
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+    if hasattr(self, 'scale'):
+      normed = normed * (self.offset + self.scale[...].astype(jnp.float32))
+    return normed.astype(x.dtype)
 
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, *, base: float,
-               scale: float = 1.0) -> jax.Array:
+               scale: float = 1.0, fraction: float = 1.0) -> jax.Array:
   """Rotary embedding on the last axis, rotating its first half against its second half.
 
   `scale` is linear RoPE scaling (positions divided by it), as Gemma 3 4B+ global layers use.
-  Angles are computed in float32.
+  `fraction` < 1 rotates only the first `int(fraction * H / 2)` frequency pairs, whose
+  frequencies keep their full-H exponents, and leaves the rest unrotated (transformers'
+  'proportional' RoPE of Gemma 4 global layers). Angles are computed in float32.
   """
   head_dim = x_BTNH.shape[-1]
-  fraction = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
-  inv_freq = 1.0 / (base**fraction) / scale
+  pairs = jnp.arange(head_dim // 2)
+  fraction_h = 2 * pairs.astype(jnp.float32) / head_dim
+  inv_freq = 1.0 / (base**fraction_h) / scale
+  if fraction != 1.0:
+    inv_freq = jnp.where(pairs < int(fraction * head_dim // 2), inv_freq, 0.0)
   angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)

@@ -1,4 +1,9 @@
-"""The Gemma decoder: Embedder, FeedForward, Block and Transformer (Flax NNX)."""
+"""The Gemma decoder: Embedder, FeedForward, Block and Transformer (Flax NNX).
+
+Gemma 4 additions (read from transformers' models/gemma4/modeling_gemma4.py, 5.24): per-layer
+input embeddings in the Embedder and each Block, the MoE block beside the MLP (gemma_jax.moe),
+KV-shared layers (gemma_jax.attention) and a learned scalar at the end of every block.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ from flax import nnx
 
 from gemma_jax.attention import Attention, init_layer_cache
 from gemma_jax.config import ModelConfig
-from gemma_jax.layers import (RMSNorm, einsum, einsum_param, fan_in_normal, param, param_name,
-                              soft_cap, with_lora)
+from gemma_jax.layers import (Einsum, RMSNorm, einsum, einsum_param, fan_in_normal, param,
+                              param_name, soft_cap, with_lora)
+from gemma_jax.moe import MoE
 from gemma_jax.sharding import constrain
 
 Cache = dict[str, Any]  # {'end_index': int32 scalar, 'layers': [layer cache, ...]}
@@ -31,20 +37,51 @@ REMAT_POLICIES = {
 
 
 class Embedder(nnx.Module):
-  """Token embedding, scaled by sqrt(D) on the way in and tied to the output head."""
+  """Token embedding, scaled by sqrt(D) on the way in and tied to the output head.
+
+  Gemma 4 with per-layer inputs (I = config.per_layer_input_dim > 0) also holds the packed
+  per-layer table `per_layer_input_embedding` [V, L*I] and the projection of the main embedding
+  into it (`per_layer_inputs`).
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
     self.input_embedding = param(rngs, fan_in_normal((1,)), (config.vocab_size, config.embed_dim),
                                  param_dtype, ('vocab', 'embed'))
     self.dtype = dtype
+    c = config
+    if c.per_layer_input_dim:
+      L, I, D = c.num_layers, c.per_layer_input_dim, c.embed_dim
+      V = c.per_layer_vocab_size or c.vocab_size
+      self.per_layer_input_embedding = param(rngs, fan_in_normal((1,)), (V, L * I), param_dtype,
+                                             ('vocab', 'embed'))
+      self.per_layer_model_projection = Einsum('BTD,DLI->BTLI', (D, L, I),
+                                               ('embed', None, None), rngs=rngs, dtype=dtype,
+                                               param_dtype=param_dtype)
+      self.per_layer_projection_norm = RMSNorm(I, None, eps=c.rms_norm_eps,
+                                               param_dtype=param_dtype, plus_one=False)
 
   def encode(self, tokens_BT: jax.Array) -> jax.Array:
+    return self._lookup(self.input_embedding[...], tokens_BT, self.input_embedding.shape[-1])
+
+  def _lookup(self, table_VX: jax.Array, tokens_BT: jax.Array, width: int) -> jax.Array:
+    """Rows of `table` times sqrt(width), in the compute dtype."""
     # Gather the fsdp-sharded D of the table before the lookup: otherwise the partitioner
     # replicates the looked-up rows and re-splits them (a full rematerialisation on data x fsdp).
-    table_VD = constrain(self.input_embedding[...], ('vocab', None))
-    x_BTD = table_VD[tokens_BT].astype(self.dtype)
+    table_VX = constrain(table_VX, ('vocab', None))
+    x_BTX = table_VX[tokens_BT].astype(self.dtype)
     # The scale is cast to the compute dtype first, as the reference implementations do.
-    return x_BTD * jnp.sqrt(x_BTD.shape[-1]).astype(self.dtype)
+    return x_BTX * jnp.sqrt(width).astype(self.dtype)
+
+  def per_layer_inputs(self, tokens_BT: jax.Array, x_BTD: jax.Array) -> jax.Array:
+    """Gemma 4's per-layer inputs [B,T,L,I]: (the RMS-normed projection of the scaled embedding
+    x, times D^-0.5) plus (the token's row of the per-layer table, times sqrt(I)), times 2^-0.5."""
+    L, I = self.per_layer_model_projection.w.shape[1:]
+    proj_BTLI = self.per_layer_model_projection(x_BTD) * jnp.asarray(
+        x_BTD.shape[-1]**-0.5, self.dtype)
+    proj_BTLI = self.per_layer_projection_norm(proj_BTLI)
+    table_BTLI = self._lookup(self.per_layer_input_embedding[...], tokens_BT,
+                              I).reshape(*tokens_BT.shape, L, I)
+    return (proj_BTLI + table_BTLI) * jnp.asarray(2.0**-0.5, self.dtype)
 
   def decode(self, x_BTD: jax.Array) -> jax.Array:
     return jnp.einsum('BTD,VD->BTV', x_BTD, self.input_embedding[...].astype(self.dtype))
@@ -56,8 +93,9 @@ class FeedForward(nnx.Module):
   GATING = 'BTD,CDF->CBTF'  # C: gate and up
   LINEAR = 'BTF,FD->BTD'
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-    D, F = config.embed_dim, config.hidden_dim
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype,
+               hidden_dim: int | None = None):
+    D, F = config.embed_dim, hidden_dim or config.hidden_dim
     self.gating_einsum = einsum_param(rngs, self.GATING, (2, D, F), param_dtype,
                                       (None, 'embed', 'mlp'))
     self.linear = einsum_param(rngs, self.LINEAR, (F, D), param_dtype, ('mlp', 'embed'))
@@ -78,36 +116,67 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: attention then feed-forward, each optionally post-normed."""
+  """Pre-norm residual block: attention then feed-forward, each optionally post-normed.
+
+  Gemma 4 adds, in this order after the feed-forward: the MoE block beside the MLP (each with its
+  own post-norm, summed, then the shared post-norm), the gated per-layer input, `layer_scalar`.
+  """
 
   def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype, param_dtype,
                attention: str = 'auto'):
     c = config
-    kw = dict(eps=c.rms_norm_eps, param_dtype=param_dtype)
+    kw = dict(eps=c.rms_norm_eps, param_dtype=param_dtype, plus_one=c.norm_plus_one)
     self.pre_attention_norm = RMSNorm(c.embed_dim, 'embed', **kw)
     self.attn = Attention(c, c.attention_types[layer], rngs=rngs, dtype=dtype,
-                          param_dtype=param_dtype, impl=attention)
+                          param_dtype=param_dtype, impl=attention,
+                          kv_shared=c.kv_source(layer) is not None)
     if c.use_post_attn_norm:
       self.post_attention_norm = RMSNorm(c.embed_dim, 'embed', **kw)
     self.pre_ffw_norm = RMSNorm(c.embed_dim, 'embed', **kw)
-    self.mlp = FeedForward(c, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.mlp = FeedForward(c, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                           hidden_dim=c.layer_hidden_dim(layer))
     if c.use_post_ffw_norm:
       self.post_ffw_norm = RMSNorm(c.embed_dim, 'embed', **kw)
+    if c.num_experts:
+      self.moe = MoE(c, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      self.pre_ffw_norm_2 = RMSNorm(c.embed_dim, 'embed', **kw)
+      self.post_ffw_norm_1 = RMSNorm(c.embed_dim, 'embed', **kw)
+      self.post_ffw_norm_2 = RMSNorm(c.embed_dim, 'embed', **kw)
+    if c.per_layer_input_dim:
+      I, D = c.per_layer_input_dim, c.embed_dim
+      ekw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      self.per_layer_input_gate = Einsum('BTD,DI->BTI', (D, I), ('embed', None), **ekw)
+      self.per_layer_projection = Einsum('BTI,ID->BTD', (I, D), (None, 'embed'), **ekw)
+      self.post_per_layer_input_norm = RMSNorm(D, 'embed', **kw)
+    if c.family >= 4:
+      self.layer_scalar = nnx.Param(jnp.ones((1,), param_dtype), logical_axes=(None,))
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None, end_index=None):
-    a_BTD, new_cache = self.attn(self.pre_attention_norm(x_BTD), positions_BT, segment_ids_BT,
-                                 cache, end_index)
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None, end_index=None,
+               per_layer_input_BTI=None, shared_kv=None):
+    """Returns (x_BTD, new cache, what the attention attended over: see attention.SharedKV)."""
+    a_BTD, new_cache, kv = self.attn(self.pre_attention_norm(x_BTD), positions_BT,
+                                     segment_ids_BT, cache, end_index, shared_kv)
     if hasattr(self, 'post_attention_norm'):
       a_BTD = self.post_attention_norm(a_BTD)
     x_BTD = x_BTD + a_BTD
     f_BTD = self.mlp(self.pre_ffw_norm(x_BTD))
+    if hasattr(self, 'moe'):
+      e_BTD = self.moe(x_BTD, self.pre_ffw_norm_2(x_BTD))
+      f_BTD = self.post_ffw_norm_1(f_BTD) + self.post_ffw_norm_2(e_BTD)
     if hasattr(self, 'post_ffw_norm'):
       f_BTD = self.post_ffw_norm(f_BTD)
-    return x_BTD + f_BTD, new_cache
+    x_BTD = x_BTD + f_BTD
+    if hasattr(self, 'per_layer_input_gate'):
+      g_BTI = jax.nn.gelu(self.per_layer_input_gate(x_BTD), approximate=True)
+      p_BTD = self.per_layer_projection(g_BTI * per_layer_input_BTI.astype(g_BTI.dtype))
+      x_BTD = x_BTD + self.post_per_layer_input_norm(p_BTD)
+    if hasattr(self, 'layer_scalar'):
+      x_BTD = x_BTD * self.layer_scalar[...].astype(x_BTD.dtype)
+    return x_BTD, new_cache, kv
 
 
 class Transformer(nnx.Module):
-  """A Gemma 1/2/3 decoder.
+  """A Gemma 1/2/3/4 decoder.
 
   `dtype` is the compute dtype; `param_dtype` the storage dtype of parameters. Norms, softmax,
   soft-caps and the returned logits are float32. `remat` is one of REMAT_POLICIES: what each block
@@ -127,7 +196,7 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([Block(config, i, attention=attention, **kw)
                             for i in range(config.num_layers)])
     self.final_norm = RMSNorm(config.embed_dim, 'embed', eps=config.rms_norm_eps,
-                              param_dtype=param_dtype)
+                              param_dtype=param_dtype, plus_one=config.norm_plus_one)
 
   def __call__(self, tokens_BT: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: Cache | None = None, *,
@@ -153,11 +222,19 @@ class Transformer(nnx.Module):
     if REMAT_POLICIES[self.remat] is not None:
       block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat])
 
+    c = self.config
     x_BTD = constrain(self.embedder.encode(tokens_BT), ACT_BTD)
-    new_layer_caches = []
+    per_layer_BTLI = None
+    if c.per_layer_input_dim:
+      per_layer_BTLI = self.embedder.per_layer_inputs(tokens_BT, x_BTD)
+    new_layer_caches, attended = [], {}
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache['layers'][i]
-      x_BTD, layer_cache = block_fn(block, x_BTD, positions, segment_ids, layer_cache, end_index)
+      source = c.kv_source(i)
+      x_BTD, layer_cache, attended[i] = block_fn(
+          block, x_BTD, positions, segment_ids, layer_cache, end_index,
+          None if per_layer_BTLI is None else per_layer_BTLI[:, :, i],
+          None if source is None else attended[source])
       x_BTD = constrain(x_BTD, ACT_BTD)  # a no-op without a mesh (see gemma_jax.sharding)
       new_layer_caches.append(layer_cache)
     x_BTD = self.final_norm(x_BTD)
@@ -173,12 +250,15 @@ class Transformer(nnx.Module):
     return constrain(logits_BTV, ACT_BTV)
 
   def init_cache(self, batch_size: int, cache_length: int, dtype=None) -> Cache:
-    """An empty KV cache for `batch_size` rows of up to `cache_length` tokens (dtype: compute)."""
+    """An empty KV cache for `batch_size` rows of up to `cache_length` tokens (dtype: compute).
+    KV-shared layers (Gemma 4) have none: their entry is None."""
     dtype = dtype or self.dtype
+    c = self.config
     return {
         'end_index': jnp.zeros((), jnp.int32),
-        'layers': [init_layer_cache(self.config, t, batch_size, cache_length, dtype)
-                   for t in self.config.attention_types],
+        'layers': [None if c.kv_source(i) is not None
+                   else init_layer_cache(c, t, batch_size, cache_length, dtype)
+                   for i, t in enumerate(c.attention_types)],
     }
 
 

@@ -65,7 +65,7 @@ def test_changing_a_key_outside_the_allowed_set_never_changes_an_output(case):
   xs = jnp.concatenate([x_TD[None], x_TD[None] + jnp.eye(T)[:, :, None] * noise[None]])
   pos_BT = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (T + 1, T))
   seg_BT = jnp.broadcast_to(jnp.asarray(seg, jnp.int32), (T + 1, T))
-  out, cache = attn(xs, pos_BT, seg_BT)
+  out, cache, _ = attn(xs, pos_BT, seg_BT)
   assert cache is None
   diff_KP = np.abs(np.asarray(out[1:] - out[:1])).max(-1)
   allowed = _allowed(pos, seg, attn.window) | np.eye(T, dtype=bool)
@@ -81,7 +81,7 @@ def _run_cached(attn, x_BTD, pos_BT, seg_BT, chunks, cache_length):
   outs, start = [], 0
   for n in chunks:
     sl = slice(start, start + n)
-    out, cache = attn(x_BTD[:, sl], pos_BT[:, sl], seg_BT[:, sl], cache,
+    out, cache, _ = attn(x_BTD[:, sl], pos_BT[:, sl], seg_BT[:, sl], cache,
                       jnp.asarray(start, jnp.int32))
     outs.append(out)
     start += n
@@ -101,7 +101,7 @@ def test_cached_decoding_equals_uncached_forward(attn_type):
   """Prefill (3), a chunk longer than the window (6 > 4), then one-token steps == one forward."""
   attn = _layer(attn_type)
   x, pos, seg = _left_padded_batch()
-  full, _ = attn(x, pos, seg)
+  full, _, _ = attn(x, pos, seg)
   cached, _ = _run_cached(attn, x, pos, seg, chunks=(3, 6, 1, 1), cache_length=16)
   real = np.asarray(seg) != 0
   np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], rtol=1e-5,
@@ -112,7 +112,7 @@ def test_local_chunk_longer_than_the_window_sees_itself():
   """A first chunk of 7 tokens into a 4-slot ring equals the uncached forward on every token."""
   attn = _layer(LO)
   x, pos, seg = _left_padded_batch(total=7, pad=0)
-  full, _ = attn(x, pos, seg)
+  full, _, _ = attn(x, pos, seg)
   cached, cache = _run_cached(attn, x, pos, seg, chunks=(7,), cache_length=16)
   np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
   assert cache['k'].shape[1] == WINDOW
@@ -138,7 +138,7 @@ def test_local_ring_buffer_keeps_only_the_window():
   start = 0
   for n in (3, 6, 1, 1):
     sl = slice(start, start + n)
-    _, cache = attn(x[:, sl], pos[:, sl], seg[:, sl], cache, jnp.asarray(start, jnp.int32))
+    _, cache, _ = attn(x[:, sl], pos[:, sl], seg[:, sl], cache, jnp.asarray(start, jnp.int32))
     start += n
     expected = np.full((2, WINDOW), -1)
     for i in range(max(0, start - WINDOW), start):
@@ -184,7 +184,7 @@ def _probe_probs(cap, scale=32.0):
       np.stack([wq, wk, np.eye(D) / scale])[:, None], jnp.float32))
   attn.attn_vec_einsum.w.set_value(jnp.eye(D, dtype=jnp.float32)[None])
   x = jnp.eye(D, dtype=jnp.float32)[None] * scale
-  out, _ = attn(x, jnp.arange(D)[None], jnp.ones((1, D), jnp.int32))
+  out, _, _ = attn(x, jnp.arange(D)[None], jnp.ones((1, D), jnp.int32))
   return np.asarray(out[0], np.float64)
 
 

