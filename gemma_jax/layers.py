@@ -69,7 +69,9 @@ def fan_in_normal(fan_in_axes: Sequence[int]):
 class EinsumLayout(NamedTuple):
   """A projection equation taken apart ('BTD,CKDH->CBTKH'): the letters of the input, the weight
   and the output; which weight axes lead the output as a stack of separate projections (C), which
-  it contracts with the input (its fan-in), and the rest (what it produces)."""
+  it contracts with the input (its fan-in), which select one of a group of weights per row (E of
+  the MoE experts' 'MD,EDCF->MCF': in neither the input nor the output, applied ragged), and the
+  rest (what it produces)."""
 
   x: str
   w: str
@@ -77,6 +79,7 @@ class EinsumLayout(NamedTuple):
   stack: tuple[int, ...]  # weight axes that are separate projections (k/v, q/k/v, gate/up)
   contracted: tuple[int, ...]  # weight axes summed against the input
   produced: tuple[int, ...]  # the other weight axes
+  group: tuple[int, ...] = ()  # weight axes choosing a weight per row (experts)
 
 
 def einsum_layout(einsum_str: str) -> EinsumLayout:
@@ -90,8 +93,10 @@ def einsum_layout(einsum_str: str) -> EinsumLayout:
     else:
       break
   contracted = tuple(i for i, c in enumerate(w) if c in x and c not in out)
-  produced = tuple(i for i in range(len(w)) if i not in stack and i not in contracted)
-  return EinsumLayout(x, w, out, tuple(stack), contracted, produced)
+  group = tuple(i for i, c in enumerate(w) if c not in x and c not in out)
+  produced = tuple(i for i in range(len(w))
+                   if i not in stack and i not in contracted and i not in group)
+  return EinsumLayout(x, w, out, tuple(stack), contracted, produced, group)
 
 
 def lora_einsums(einsum_str: str) -> tuple[str, str]:

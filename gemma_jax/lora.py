@@ -3,7 +3,8 @@
 `add_lora(model, rank, alpha)` gives each targeted weight W two factors (`nnx.LoRAParam`, float32):
 A [stack..., in..., r] and B [stack..., r, out...], where `in` are the axes W contracts with its
 input, `out` the others, and `stack` a leading axis of separate projections (k/v, q/k/v,
-gate/up), each with its own pair as in PEFT. All of it follows from the weight's equation
+gate/up), each with its own pair as in PEFT; a MoE weight's expert axis likewise gives every
+expert its own pair, applied to the rows routed to it. All of it follows from the weight's equation
 (`layers.einsum_layout`): the weights a module declares in its `einsums` ({attribute: equation},
 e.g. 'BTD,CKDH->CBTKH') are the targetable ones. The layers add `(alpha / r) * (x A) B` to their
 output (gemma_jax.layers.with_lora). B starts at zero, so a fresh adapter changes nothing.
@@ -54,7 +55,8 @@ def add_lora(model: Transformer, rank: int, alpha: float, *, targets: str = DEFA
     var = getattr(module, attr)
     axes = var.get_metadata()['logical_axes']
     lay = einsum_layout(einsum_str)
-    stack, ins, outs = list(lay.stack), list(lay.contracted), list(lay.produced)
+    stack = list(lay.group) + list(lay.stack)
+    ins, outs = list(lay.contracted), list(lay.produced)
     shape = var.shape
     a_shape = [shape[i] for i in stack + ins] + [rank]
     b_shape = [shape[i] for i in stack] + [rank] + [shape[i] for i in outs]
@@ -72,7 +74,8 @@ def add_lora(model: Transformer, rank: int, alpha: float, *, targets: str = DEFA
 def lora_delta(einsum_str: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """A B laid out like the weight of projection `einsum_str` (float32)."""
   lay = einsum_layout(einsum_str)
-  stack, ins, outs = list(lay.stack), list(lay.contracted), list(lay.produced)
+  stack = list(lay.group) + list(lay.stack)
+  ins, outs = list(lay.contracted), list(lay.produced)
   r = len(lay.w)  # an axis label no weight axis uses
   return jnp.einsum(a, stack + ins + [r], b, stack + [r] + outs, list(range(len(lay.w))),
                     preferred_element_type=jnp.float32)

@@ -51,6 +51,26 @@ class MoE(nnx.Module):
     self.linear = einsum_param(rngs, self.LINEAR, (E, F, D), param_dtype,
                                ('expert', 'mlp', 'embed'))
 
+  @property
+  def einsums(self) -> dict[str, str]:
+    """The expert weights gemma_jax.lora may adapt: one adapter pair per expert, applied to the
+    rows routed to it (its router is an `Einsum` of its own)."""
+    return {'gating_einsum': self.GATING, 'linear': self.LINEAR}
+
+  def _ragged(self, name: str, x_RX: jax.Array, w_EXY: jax.Array,
+              group_sizes_E: jax.Array) -> jax.Array:
+    """Each row of x times its expert's weight `name` ([E, X, Y] view), plus the expert's LoRA
+    update when gemma_jax.lora gave it one."""
+    y_RY = jax.lax.ragged_dot(x_RX, w_EXY, group_sizes_E)
+    a = getattr(self, f'{name}_lora_a', None)
+    if a is None:
+      return y_RY
+    b = getattr(self, f'{name}_lora_b')[...].astype(y_RY.dtype)
+    E, r = b.shape[:2]
+    xa_Rr = jax.lax.ragged_dot(x_RX, a[...].astype(y_RY.dtype), group_sizes_E)
+    update_RY = jax.lax.ragged_dot(xa_Rr, b.reshape(E, r, -1), group_sizes_E)
+    return y_RY + update_RY * jnp.asarray(getattr(self, f'{name}_lora_scale'), y_RY.dtype)
+
   def route(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(weights [B,T,k] float32, expert ids [B,T,k] int32) of each token's top-k experts."""
     D = x_BTD.shape[-1]
@@ -77,10 +97,10 @@ class MoE(nnx.Module):
     x_RD = expert_in_BTD.reshape(B * T, D).astype(self.dtype)[token_R]
     w1_EDCF = self.gating_einsum[...].astype(self.dtype)
     F = w1_EDCF.shape[-1]
-    gate_up_RCF = jax.lax.ragged_dot(x_RD, w1_EDCF.reshape(E, D, 2 * F),
-                                     group_sizes_E).reshape(-1, 2, F)
+    gate_up_RCF = self._ragged('gating_einsum', x_RD, w1_EDCF.reshape(E, D, 2 * F),
+                               group_sizes_E).reshape(-1, 2, F)
     act_RF = jax.nn.gelu(gate_up_RCF[:, 0], approximate=True) * gate_up_RCF[:, 1]
-    y_RD = jax.lax.ragged_dot(act_RF, self.linear[...].astype(self.dtype), group_sizes_E)
+    y_RD = self._ragged('linear', act_RF, self.linear[...].astype(self.dtype), group_sizes_E)
     y_RD = y_RD * weights_BTk.reshape(-1)[order_R][:, None].astype(y_RD.dtype)
     y_MD = jnp.zeros((B * T, D), y_RD.dtype).at[token_R].add(y_RD)
     return y_MD.reshape(B, T, D)

@@ -67,6 +67,34 @@ def test_fresh_adapters_change_nothing_and_merging_equals_the_adapted_model(name
   np.testing.assert_allclose(model(tokens[:, :4])[0], adapted_decode, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('preset', ['tiny-gemma4', 'tiny-gemma4-moe'])
+def test_gemma4_adapters_cover_every_projection_and_merge_exactly(preset):
+  """Gemma 4's own projections (k-only global layers, per-layer inputs, the router, each
+  expert's gate/up and down weights) take adapters; the experts' ragged LoRA path equals the
+  merged weights (an independent computation: lora_delta's einsum, not ragged_dot)."""
+  model = _model(preset)
+  tokens = jnp.asarray(TOKENS % model.config.vocab_size)
+  base, _ = model(tokens)
+  names = lora.add_lora(model, rank=3, alpha=6.0, rngs=nnx.Rngs(1))
+  want = ['layers.2.attn.k_einsum.w', 'layers.6.attn.q_einsum.w'] if preset == 'tiny-gemma4' \
+      else ['layers.0.moe.gating_einsum', 'layers.0.moe.linear', 'layers.0.moe.router.w']
+  if preset == 'tiny-gemma4':
+    want += ['embedder.per_layer_model_projection.w', 'layers.0.per_layer_input_gate.w',
+             'layers.0.per_layer_projection.w']
+    assert not any(n.startswith('layers.6.attn.kv') for n in names)  # KV-shared: no k/v weights
+  assert set(want) <= set(names)
+  np.testing.assert_array_equal(model(tokens)[0], base)  # B = 0
+  _randomise_b(model)
+  adapted, _ = model(tokens)
+  assert float(jnp.abs(adapted - base).max()) > 0.1
+  if preset == 'tiny-gemma4-moe':
+    a = model.layers[0].moe.gating_einsum_lora_a
+    assert a.shape == (8, 64, 3)  # one pair per expert: [E, D, r]
+  lora.merge_lora(model)
+  merged, _ = model(tokens)
+  np.testing.assert_allclose(merged, adapted, rtol=1e-5, atol=1e-5 * float(jnp.abs(adapted).max()))
+
+
 # PEFT adapts each projection separately: (our weight's owner, attribute, stack index, PEFT
 # module). k and v (and q in the fused MHA case) share one of our weights, gate and up another.
 _PEFT = [('attn', 'q_einsum', None, 'self_attn.q_proj'), ('attn', 'kv_einsum', 0, 'self_attn.k_proj'),
