@@ -1,5 +1,6 @@
-"""Multi-turn chat sessions in Gemma's control-token format, on a `Sampler`, keeping the KV
-cache across turns so each turn feeds only its new tokens.
+"""Multi-turn chat sessions in Gemma's control-token format (Gemma 1-3 or Gemma 4, whichever the
+tokenizer has; see gemma_jax.tokenizer), on a `Sampler`, keeping the KV cache across turns so each
+turn feeds only its new tokens.
 
 A session drives its sampler's prefill and decode loop (gemma_jax.sampler) and encodes every turn
 with `Tokenizer.encode_chat`, the encoding training data uses, so a conversation costs the same
@@ -19,9 +20,12 @@ class ChatSession:
 
   Turns are tokenised by `Tokenizer.encode_chat`, the encoding training data and exact-match
   evaluation use, with each model turn's content replaced by the tokens actually sampled. Each
-  `send` appends only the new tokens to the cache -- the previous reply's closing
-  `<end_of_turn>\\n` and the new user turn with the `<start_of_turn>model\\n` header -- and
-  decodes the reply until `<end_of_turn>` or `<eos>`. `history` holds the messages; `ids` the
+  `send` appends only the new tokens to the cache -- the previous reply's closing end of turn and
+  newline, and the new user turn with the model turn's header -- and decodes the reply until the
+  end of turn or `<eos>`. In Gemma 1-3 that is `<end_of_turn>\\n<start_of_turn>user\\n...
+  <end_of_turn>\\n<start_of_turn>model\\n`; in Gemma 4 `<turn|>\\n<|turn>user\\n...<turn|>\\n
+  <|turn>model\\n<|channel>thought\\n<channel|>` (a `system` message is Gemma 4's first turn, and
+  is folded into the first user turn in Gemma 1-3). `history` holds the messages; `ids` the
   conversation's token ids; `tokens_used` the cache slots taken (out of `sampler.cache_length`;
   the first turn's prefill padding included).
   """
@@ -42,8 +46,8 @@ class ChatSession:
   @property
   def ids(self) -> list[int]:
     """The conversation so far as token ids (a copy): those in the cache, then the pending ones
-    the next `send` feeds first (the last reply's closing `<end_of_turn>`, preceded by its last
-    sampled token when the reply was cut by length)."""
+    the next `send` feeds first (the last reply's closing end of turn, `tokenizer.end_of_turn_id`,
+    preceded by its last sampled token when the reply was cut by length)."""
     return self._fed + self._pending
 
   def send(self, message: str, max_new_tokens: int = 256, *,
@@ -61,7 +65,7 @@ class ChatSession:
       msgs = ([{'role': 'system', 'content': self.system}] if self.system is not None else [])
       ids = tok.encode_chat(msgs + [user], add_generation_prompt=True)[0]
     else:
-      # encode_chat writes a newline after every <end_of_turn>; the pending ids end with one.
+      # encode_chat writes a newline after every end of turn; the pending ids end with one.
       ids = (self._pending + tok.encode('\n', add_bos=False)
              + tok.encode_chat([user], add_generation_prompt=True, add_bos=False)[0])
     s._check_length(self.tokens_used + len(ids), max_new_tokens, 'the conversation so far')
@@ -85,7 +89,7 @@ class ChatSession:
       self._fed += ids + [int(t) for t in tokens_BO[0, :step - 1]]
       self._position += len(ids) + step - 1
       last = reply.tokens[-1]
-      # A stop token (<end_of_turn> or <eos>) is replaced by the <end_of_turn> closing the turn.
+      # A stop token (end of turn or <eos>) is replaced by the end of turn closing the turn.
       self._pending = ([last] if reply.finish_reason == 'length' else []) + [tok.end_of_turn_id]
       self.history += [user, {'role': 'model', 'content': reply.text}]
       self._busy = False

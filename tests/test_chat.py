@@ -1,12 +1,21 @@
 """gemma_jax.chat: multi-turn sessions on the real Gemma 3 270M keep their cache, and encode every
-turn as training data does (`Tokenizer.encode_chat`)."""
+turn as training data does (`Tokenizer.encode_chat`); on a Gemma 4 tokenizer (a small one trained
+in test_tokenizer, a random tiny-gemma4) every turn is fed in Gemma 4's format."""
 
+import numpy as np
 import pytest
+from flax import nnx
+
+from gemma_jax.config import get_preset
+from gemma_jax.sampler import Sampler
+from gemma_jax.tokenizer import Tokenizer
+from gemma_jax.transformer import Transformer, flat_params, model_from_params
+from test_tokenizer import small_tokenizer_model
 
 
 def _reply_ids(reply):
   """The ids a chat keeps for a model turn's content: what was sampled, without the stop token
-  (the turn's closing <end_of_turn> replaces it)."""
+  (the turn's closing end of turn, <end_of_turn> or Gemma 4's <turn|>, replaces it)."""
   return reply.tokens[:-1] if reply.finish_reason == 'stop' else reply.tokens
 
 
@@ -76,3 +85,41 @@ def test_real_chat_ids_are_encode_chat_of_the_conversation(real):
       messages, add_generation_prompt=True)[0]  # a different encoding would not match
   third = chat.send(next_user['content'], 6)
   assert chat.ids == want + _reply_ids(third) + [tok.end_of_turn_id]
+
+
+def _random_model(config, seed=0):
+  """A random `config` model from numpy draws (one trace, no per-parameter random kernels)."""
+  rng = np.random.default_rng(seed)
+  abstract = flat_params(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  return model_from_params(config, {name: rng.normal(0.0, 0.1, x.shape).astype(np.float32)
+                                    for name, x in abstract.items()})
+
+
+def test_gemma4_chat_feeds_gemma4_turns():
+  """Turn after turn, a session on a Gemma 4 tokenizer holds <bos>, the system turn, then
+  <|turn>user\\n...<turn|>\\n<|turn>model\\n<|channel>thought\\n<channel|>, the reply as sampled
+  and <turn|>; its cache holds exactly those ids (the second reply equals sampling them afresh)."""
+  tok = Tokenizer(small_tokenizer_model())
+  s = Sampler(_random_model(get_preset('tiny-gemma4').replace(vocab_size=tok.vocab_size)), tok,
+              cache_length=128)
+  text = lambda x: tok.encode(x, add_bos=False)
+  turn, end = tok.piece_to_id('<|turn>'), tok.piece_to_id('<turn|>')
+
+  def user_turn(message):
+    return ([turn] + text('user\n') + text(message) + [end] + text('\n') + [turn] + text('model\n')
+            + [tok.piece_to_id('<|channel>')] + text('thought\n') + [tok.piece_to_id('<channel|>')])
+
+  system = 'Answer in one word.'
+  chat = s.chat(system=system)
+  before = [tok.bos_id, turn] + text('system\n') + text(system) + [end] + text('\n')
+  replies = []
+  # The second turn appends 32 tokens to the cache (one prefill shape to compile).
+  for message in ('Name a color.', 'Name a fruit. Answer in one word.'):
+    prompt = before + user_turn(message)
+    replies.append(chat.send(message, 4))
+    assert chat.ids == prompt + _reply_ids(replies[-1]) + [end]
+    before = chat.ids + text('\n')
+  assert s.sample([prompt], 4)[0].tokens == replies[-1].tokens
+  # The same ids as encode_chat writes the conversation, with the replies as sampled.
+  assert chat.ids + text('\n') == _encode_chat_as_sampled(
+      tok, [{'role': 'system', 'content': system}] + chat.history, replies)

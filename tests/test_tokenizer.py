@@ -6,6 +6,8 @@ BPE splits them differently from SentencePiece's longest-match on the user-defin
 both decode to the same text, which test_roundtrip checks).
 """
 
+import functools
+import io
 import pickle
 
 import numpy as np
@@ -14,7 +16,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from gemma_jax.convert.gguf_tokenizer import sentencepiece_model_from_gguf, tokenizer_from_gguf
-from gemma_jax.tokenizer import Tokenizer
+from gemma_jax.tokenizer import Tokenizer, strip_thoughts
 
 _SP = sp_pb2.ModelProto.SentencePiece
 
@@ -416,3 +418,186 @@ def test_one_vocabulary_check(tok):
   with pytest.raises(ValueError, match=rf'{tok.vocab_size} pieces but the model has only '
                                        rf'{tok.vocab_size - 1} embedding rows \(model m\).*Do X'):
     tok.check_fits(tok.vocab_size - 1, 'model m', 'Do X.')
+
+
+# Gemma 4's chat format, on small tokenizers trained here (no real Gemma 4 vocabulary is shipped).
+
+GEMMA4_PIECES = ('<|turn>', '<turn|>', '<|channel>', '<channel|>', '<|think|>')
+GEMMA3_PIECES = ('<start_of_turn>', '<end_of_turn>')
+_CORPUS = ['What is a good place for travel in the US? California. Name a color. And a fruit?',
+           'Answer in one word. Red. Paris is in France. The system, the user and the model.',
+           'I should think about this thought first. Yosemite is in California.']
+
+
+@functools.lru_cache(maxsize=None)
+def small_tokenizer_model(pieces=GEMMA4_PIECES) -> bytes:
+  """A SentencePiece model trained here in milliseconds: Gemma's <pad> <eos> <bos> <unk> as ids
+  0-3, then `<mask>` and `pieces` as user-defined pieces, BPE merges of a few sentences, byte
+  fallback and no normalisation (every text round-trips, '\\n' is the byte piece <0x0A>)."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(_CORPUS * 30), model_writer=model, vocab_size=400,
+      model_type='bpe', pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece='<pad>',
+      eos_piece='<eos>', bos_piece='<bos>', unk_piece='<unk>', hard_vocab_limit=False,
+      byte_fallback=True, normalization_rule_name='identity', add_dummy_prefix=False,
+      remove_extra_whitespaces=False, minloglevel=2, user_defined_symbols=['<mask>', *pieces])
+  return model.getvalue()
+
+
+@pytest.fixture(scope='module')
+def tok4():
+  return Tokenizer(small_tokenizer_model(), source='gemma4-small.model')
+
+
+G4_CHAT = [
+    {'role': 'user', 'content': 'What is a good place for travel in the US?'},
+    {'role': 'assistant', 'content': 'California.'},
+    {'role': 'user', 'content': 'Name a color.'},
+]
+G4_SYSTEM = {'role': 'system', 'content': 'Answer in one word.'}
+
+
+def test_gemma4_format_is_picked_from_the_pieces(tok4):
+  assert tok4.chat_format == 'gemma4'
+  assert (tok4.start_of_turn, tok4.end_of_turn) == ('<|turn>', '<turn|>')
+  # Looked up, not the real vocabulary's 105/106 (here the pieces follow <mask>, id 4).
+  assert (tok4.start_of_turn_id, tok4.end_of_turn_id) == (
+      tok4.piece_to_id('<|turn>'), tok4.piece_to_id('<turn|>')) == (5, 6)
+  assert tok4.empty_thought_channel
+  tok3 = Tokenizer(small_tokenizer_model(GEMMA3_PIECES), source='gemma3-small.model')
+  assert tok3.chat_format == 'gemma' and not tok3.empty_thought_channel
+  assert (tok3.start_of_turn_id, tok3.end_of_turn_id) == (5, 6)
+  assert tok3.id_to_piece(tok3.end_of_turn_id) == '<end_of_turn>'
+  # Both turn pieces make Gemma 4; one alone does not.
+  half = Tokenizer(small_tokenizer_model(GEMMA3_PIECES + ('<|turn>',)))
+  assert half.chat_format == 'gemma' and half.end_of_turn == '<end_of_turn>'
+  with pytest.raises(ValueError, match=r"half.model.*no piece '<start_of_turn>'.*'<\|turn>'"):
+    Tokenizer(small_tokenizer_model(('<|turn>',)), source='half.model')
+  # A Gemma 4 vocabulary without the thought channel's pieces writes none (and cannot be asked to).
+  bare = GEMMA4_PIECES[:2]
+  assert not Tokenizer(small_tokenizer_model(bare)).empty_thought_channel
+  with pytest.raises(ValueError, match=r"bare.model.*no piece '<\|channel>'"):
+    Tokenizer(small_tokenizer_model(bare), source='bare.model', empty_thought_channel=True)
+  with pytest.raises(ValueError, match='gemma3-small.model.*needs a Gemma 4 tokenizer'):
+    Tokenizer(small_tokenizer_model(GEMMA3_PIECES), source='gemma3-small.model',
+              empty_thought_channel=True)
+
+
+def test_gemma4_format_chat_text(tok4):
+  assert tok4.format_chat(G4_CHAT) == (
+      '<|turn>user\nWhat is a good place for travel in the US?<turn|>\n'
+      '<|turn>model\n<|channel>thought\n<channel|>California.<turn|>\n'
+      '<|turn>user\nName a color.<turn|>\n'
+      '<|turn>model\n<|channel>thought\n<channel|>')
+  # A system turn only when there is a system message, first; no generation prompt on request.
+  assert tok4.format_chat([G4_SYSTEM] + G4_CHAT[:2], add_generation_prompt=False) == (
+      '<|turn>system\nAnswer in one word.<turn|>\n'
+      '<|turn>user\nWhat is a good place for travel in the US?<turn|>\n'
+      '<|turn>model\n<|channel>thought\n<channel|>California.<turn|>\n')
+  # The E2B/E4B templates write no empty thought channel.
+  plain = Tokenizer(small_tokenizer_model(), empty_thought_channel=False)
+  assert plain.format_chat([G4_SYSTEM] + G4_CHAT) == (
+      '<|turn>system\nAnswer in one word.<turn|>\n'
+      '<|turn>user\nWhat is a good place for travel in the US?<turn|>\n'
+      '<|turn>model\nCalifornia.<turn|>\n'
+      '<|turn>user\nName a color.<turn|>\n'
+      '<|turn>model\n')
+
+
+def _g4_expected(tok, messages, gen, empty_thought=True):
+  """(ids, mask) of a conversation spelled out piece by piece: <bos>, then per turn <|turn>,
+  role + '\\n', [<|channel>thought\\n<channel|> for model turns], content, <turn|>, '\\n'."""
+  text = lambda s: tok.encode(s, add_bos=False)  # plain text (no special pieces in it)
+  thought = ([tok.piece_to_id('<|channel>')] + text('thought\n') + [tok.piece_to_id('<channel|>')]
+             if empty_thought else [])
+  turn, end = tok.piece_to_id('<|turn>'), tok.piece_to_id('<turn|>')
+  ids, mask = [tok.bos_id], [False]
+  for m in messages:
+    role = 'model' if m['role'] == 'assistant' else m['role']
+    head = [turn] + text(role + '\n') + (thought if role == 'model' else [])
+    body = text(m['content']) + [end]
+    ids += head + body + text('\n')
+    mask += [False] * len(head) + [role == 'model'] * len(body) + [False] * len(text('\n'))
+  if gen:
+    head = [turn] + text('model\n') + thought
+    ids, mask = ids + head, mask + [False] * len(head)
+  return ids, mask
+
+
+@pytest.mark.parametrize('system', [False, True])
+@pytest.mark.parametrize('empty_thought', [True, False])
+def test_gemma4_encode_chat_ids_and_mask(system, empty_thought):
+  tok = Tokenizer(small_tokenizer_model(), empty_thought_channel=empty_thought)
+  messages = ([G4_SYSTEM] if system else []) + G4_CHAT
+  for gen, msgs in ((True, messages), (False, messages[:-1])):
+    ids, mask = tok.encode_chat(msgs, add_generation_prompt=gen)
+    assert (ids, mask) == _g4_expected(tok, msgs, gen, empty_thought)
+    assert ids == tok.encode(tok.format_chat(msgs, add_generation_prompt=gen))
+    assert tok.decode(ids) == tok.format_chat(msgs, add_generation_prompt=gen)
+  # The training targets are the model turns' contents, each closed by <turn|>.
+  ids, mask = tok.encode_chat(messages[:-1])
+  assert tok.decode([i for i, m in zip(ids, mask) if m]) == 'California.<turn|>'
+
+
+def test_gemma4_thoughts_are_stripped_from_model_turns(tok4):
+  thought = '<|channel>thought\nThe user wants a city.<channel|>'
+  messages = [{'role': 'user', 'content': 'I should think about this?'},
+              {'role': 'model', 'content': thought + 'Paris.'}]
+  text = tok4.format_chat(messages, add_generation_prompt=False)
+  assert text.endswith('<|turn>model\n<|channel>thought\n<channel|>Paris.<turn|>\n')
+  assert 'The user wants' not in text
+  ids, mask = tok4.encode_chat(messages)
+  assert tok4.decode([i for i, m in zip(ids, mask) if m]) == 'Paris.<turn|>'
+  # User turns, and every turn of a Gemma 1-3 tokenizer, are kept verbatim.
+  user = [{'role': 'user', 'content': thought}]
+  assert tok4.format_chat(user).startswith(f'<|turn>user\n{thought}<turn|>')
+  tok3 = Tokenizer(small_tokenizer_model(GEMMA3_PIECES))
+  assert f'<start_of_turn>model\n{thought}Paris.<end_of_turn>' in tok3.format_chat(
+      messages, add_generation_prompt=False)
+  # The HF template's strip_thinking: an unclosed <|channel> drops the rest, a stray <channel|>
+  # is dropped; no trimming here.
+  assert strip_thoughts(' a<|channel>x<channel|>b<|channel>y<channel|> c ') == ' ab c '
+  assert strip_thoughts('a<|channel>never closed') == 'a'
+  assert strip_thoughts('a<channel|>b') == 'ab'
+
+
+def test_gemma4_encode_chat_is_prefix_stable(tok4):
+  # A conversation grows by appending ids, so a ChatSession keeps its cache, and the prompt of a
+  # turn is exactly what training data puts before that turn's targets.
+  messages = [G4_SYSTEM] + G4_CHAT
+  prompt, prompt_mask = tok4.encode_chat(messages, add_generation_prompt=True)
+  longer, mask = tok4.encode_chat(messages + [{'role': 'model', 'content': 'Red.'}])
+  assert longer[:len(prompt)] == prompt and mask[:len(prompt)] == prompt_mask
+  assert mask[len(prompt):] == [True] * (len(longer) - len(prompt) - 1) + [False]
+
+
+def test_gemma1_3_format_on_a_small_tokenizer():
+  tok3 = Tokenizer(small_tokenizer_model(GEMMA3_PIECES))
+  messages = [G4_SYSTEM] + G4_CHAT
+  assert tok3.format_chat(messages) == (
+      '<start_of_turn>user\nAnswer in one word.\n\nWhat is a good place for travel in the US?'
+      '<end_of_turn>\n<start_of_turn>model\nCalifornia.<end_of_turn>\n'
+      '<start_of_turn>user\nName a color.<end_of_turn>\n<start_of_turn>model\n')
+  ids, mask = tok3.encode_chat(messages, add_generation_prompt=True)
+  assert ids == tok3.encode(tok3.format_chat(messages))
+  assert tok3.decode([i for i, m in zip(ids, mask) if m]) == 'California.<end_of_turn>'
+
+
+@pytest.mark.parametrize('messages, match', [
+    ([G4_SYSTEM], 'at least one user'),
+    ([G4_CHAT[0], G4_SYSTEM], 'only allowed first'),
+    ([G4_SYSTEM, G4_CHAT[1]], "'user' was expected"),
+    ([G4_CHAT[0], G4_CHAT[0]], 'alternate'),
+])
+def test_gemma4_format_chat_errors(tok4, messages, match):
+  with pytest.raises(ValueError, match=match):
+    tok4.format_chat(messages)
+  with pytest.raises(ValueError, match=match):
+    tok4.encode_chat(messages)
+  with pytest.raises(ValueError, match='last message'):
+    tok4.encode_chat(G4_CHAT[:2], add_generation_prompt=True)
+
+
+def test_gemma4_tokenizer_pickles(tok4):
+  again = pickle.loads(pickle.dumps(tok4))
+  assert again.chat_format == 'gemma4' and again.encode_chat(G4_CHAT) == tok4.encode_chat(G4_CHAT)
