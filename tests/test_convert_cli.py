@@ -101,6 +101,28 @@ def test_gguf_to_native(files, tmp_path):
       files / 'tokenizer.model').read_bytes()
 
 
+def test_gemma4_gguf_to_native(tmp_path):
+  """A gemma4 file (llama.cpp's layout, 'gemma4' merge-list tokenizer) -> native checkpoint."""
+  from gemma_jax.convert import load_gguf
+  from gemma_jax.tokenizer import Tokenizer
+  from gemma_jax.transformer import flat_params
+  from test_gguf import _tiny_gemma4_model, write_gemma4_gguf
+
+  write_gemma4_gguf(tmp_path / 'g4.gguf', _tiny_gemma4_model('gemma4-ple'))
+  assert main(['--from', 'gguf', '--src', str(tmp_path / 'g4.gguf'), '--dst',
+               str(tmp_path / 'n')]) == 0
+  native = checkpoint.load_params(tmp_path / 'n')
+  model, tokenizer = load_gguf(tmp_path / 'g4.gguf')
+  assert native.config == model.config and native.config.per_layer_input_dim == 6
+  want = flat_params(model)
+  for name, value in flat_params(native).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(want[name]), err_msg=name)
+  saved = Tokenizer(str(tmp_path / 'n' / 'tokenizer.model'))
+  assert saved.chat_format == 'gemma4'
+  text = '<|turn>user\nthe inner herd<turn|>'
+  assert saved.encode(text) == tokenizer.encode(text)
+
+
 def _fails(argv, tmp_path, capsys, message):
   assert main(argv) == 1
   err = capsys.readouterr().err

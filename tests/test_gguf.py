@@ -20,6 +20,7 @@ from gemma_jax.convert.hf import hf_tensors_from_model
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
+from hf_models import FAMILIES  # noqa: E402
 
 _LONG = ' '.join(
     f'Paragraph {i}: the river rose {i * 7 % 13} feet overnight, and the ferryman, who had '
@@ -351,3 +352,260 @@ def test_cli_converts_the_real_model(gguf_path, ours, tmp_path):
   saved = Tokenizer(str(dst / 'tokenizer.model'))
   text = 'Hello <start_of_turn>user\nWie geht es dir? 안녕하세요 12345'
   assert saved.encode(text) == tokenizer.encode(text)
+
+
+# --- Gemma 4: files laid out as llama.cpp's Gemma4Model converter writes them. ---
+
+# The tiny vocabulary with Gemma 4's control pieces (the converter types the thought-channel
+# pieces USER_DEFINED, 4, so that they are rendered) and its last pieces reordered so that some
+# merges of higher rank sit right of overlapping ones ('her': 'er' before 'he').
+_GEMMA4_TOKENS = (['<pad>', '<eos>', '<bos>', '<unk>', '<|turn>', '<turn|>'] + _TINY_TOKENS[6:-4]
+                  + ['er', 'in', 'he', 'th', '<|channel>', '<channel|>'])
+_GEMMA4_TYPES = [3] * 6 + [6] * 256 + [1] * (TINY_V - 262) + [4, 4]
+GEMMA4_V = len(_GEMMA4_TOKENS)
+
+
+def _merges(tokens, types=_GEMMA4_TYPES):
+  """The merge list a SentencePiece-converted Hugging Face tokenizer has: every split of a normal
+  multi-character piece into two normal pieces, ordered by the piece (its score)."""
+  normal = [t for t, kind in zip(tokens, types) if kind == 1]
+  return [(p[:k], p[k:]) for p in normal for k in range(1, len(p))
+          if p[:k] in normal and p[k:] in normal]
+
+
+def _tiny_gemma4_model(family, seed=11):
+  """tests/hf_models.py's `family` with the tiny Gemma 4 GGUF vocabulary."""
+  config = FAMILIES[family]()
+  config.vocab_size = config.vocab_size_per_layer_input = GEMMA4_V
+  config.initializer_range = 0.1
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  with torch.no_grad():  # as make_hf_model: Gemma 4 multiplies by its norm weights
+    for name, p in model.named_parameters():
+      if 'norm' in name or name.endswith(('router.scale', 'per_expert_scale')):
+        p.normal_(1.0, 0.5)
+    for name, b in model.named_buffers():
+      if name.endswith('layer_scalar'):
+        b.uniform_(0.5, 1.5)
+  return model.eval()
+
+
+def _gemma4_writer(path, c, *, rope_freqs=True):
+  """A GGUFWriter holding what the converter writes before the weights, from `c`, the
+  transformers config as a dict (its hparams): metadata, tokenizer, rope_freqs."""
+  L, types = c['num_hidden_layers'], c['layer_types']
+  # Older config.json files name the global layers' head dim and kv heads at the top level
+  # (global_head_dim, num_global_key_value_heads, the latter read with attention_k_eq_v).
+  overrides = {int(i): v for i, v in c['per_layer_config'].items()}[types.index('full_attention')]
+  H_g, K = overrides['head_dim'], c['num_key_value_heads']
+  K_g = overrides.get('num_key_value_heads', K) if c['attention_k_eq_v'] else None
+  F, first_shared = c['intermediate_size'], L - c['num_kv_shared_layers']
+  rope = c['rope_parameters']
+  w = gguf.GGUFWriter(str(path), 'gemma4')
+  w.add_block_count(L)
+  w.add_context_length(c['max_position_embeddings'])
+  w.add_embedding_length(c['hidden_size'])
+  w.add_feed_forward_length([F * (2 if i >= first_shared else 1) for i in range(L)]
+                            if c['use_double_wide_mlp'] else F)
+  w.add_head_count(c['num_attention_heads'])
+  w.add_head_count_kv([K if t == 'sliding_attention' else K_g for t in types]
+                      if K_g is not None else K)
+  w.add_rope_freq_base(rope['full_attention']['rope_theta'])
+  w.add_rope_freq_base_swa(rope['sliding_attention']['rope_theta'])
+  w.add_layer_norm_rms_eps(c['rms_norm_eps'])
+  if c['num_experts']:
+    w.add_expert_count(c['num_experts'])
+    w.add_expert_used_count(c['top_k_experts'])
+    w.add_expert_feed_forward_length(c['moe_intermediate_size'])
+  w.add_key_length(H_g)
+  w.add_value_length(H_g)
+  if c['final_logit_softcapping']:
+    w.add_final_logit_softcapping(c['final_logit_softcapping'])
+  w.add_sliding_window(c['sliding_window'])
+  w.add_shared_kv_layers(c['num_kv_shared_layers'])
+  w.add_embedding_length_per_layer_input(c['hidden_size_per_layer_input'] or 0)
+  w.add_sliding_window_pattern([t == 'sliding_attention' for t in types])
+  w.add_key_length_swa(c['head_dim'])
+  w.add_value_length_swa(c['head_dim'])
+  w.add_rope_dimension_count(H_g)
+  w.add_rope_dimension_count_swa(c['head_dim'])
+  w.add_tokenizer_model('gemma4')
+  w.add_token_list(_GEMMA4_TOKENS)
+  w.add_token_scores([-1000.0] * len(_GEMMA4_TOKENS))
+  w.add_token_types(_GEMMA4_TYPES)
+  w.add_token_merges([f'{a} {b}' for a, b in _merges(_GEMMA4_TOKENS)])
+  w.add_bos_token_id(2)
+  w.add_eos_token_id(1)
+  w.add_unk_token_id(3)
+  w.add_pad_token_id(0)
+  w.add_add_space_prefix(False)
+  w.add_add_bos_token(True)
+
+  if rope_freqs:  # generate_extra_tensors: proportional RoPE as frequency factors
+    rotated = int(H_g * rope['full_attention']['partial_rotary_factor'] / 2)
+    w.add_tensor('rope_freqs.weight',
+                 np.array([1.0] * rotated + [1e30] * (H_g // 2 - rotated), np.float32))
+  return w
+
+
+def write_gemma4_gguf(path, model, *, outtype=gguf.GGMLQuantizationType.F16,
+                      split_experts=False, rope_freqs=True):
+  """Writes a transformers Gemma 4 text model as llama.cpp's converter does (conversion/gemma.py
+  `Gemma4Model` over `Gemma3Model` and `TextModel`): its metadata keys and their final values,
+  the 'gemma4' tokenizer (placeholder scores, a merge list), the generated rope_freqs, names
+  from the gguf package's own TensorNameMap for gemma4 (after the converter's renames of
+  layer_scalar, experts and the router/per-expert scales), norms as they are, 1-D tensors, norms,
+  routers and scales in F32 and the rest in `outtype` (F16 where that cannot be made).
+  Returns the HF tensors as the file holds them."""
+  w = _gemma4_writer(path, model.config.to_dict(), rope_freqs=rope_freqs)
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, model.config.num_hidden_layers)
+  held = {}
+
+  def add(gname, value, name):
+    qtype = outtype
+    if (value.ndim <= 1 or gname.endswith('_norm.weight') or not gname.endswith('.weight')
+        or '.ffn_gate_inp.' in gname):
+      qtype = gguf.GGMLQuantizationType.F32
+    try:
+      q = gguf.quants.quantize(value, qtype)
+    except gguf.QuantError:
+      qtype = gguf.GGMLQuantizationType.F16
+      q = gguf.quants.quantize(value, qtype)
+    w.add_tensor(gname, q, raw_dtype=qtype)
+    held[name] = np.asarray(gguf.quants.dequantize(q, qtype), np.float32).reshape(value.shape)
+
+  for name, value in model.state_dict().items():
+    if name == 'lm_head.weight':
+      continue
+    value = value.numpy()
+    bid = name.split('.')[2] if name.startswith('model.layers.') else None
+    if name.endswith('router.scale'):
+      add(f'blk.{bid}.ffn_gate_inp.scale', value, name)
+    elif name.endswith('router.per_expert_scale'):
+      add(f'blk.{bid}.ffn_down_exps.scale', value, name)
+    elif split_experts and name.endswith('experts.gate_up_proj'):
+      F = value.shape[1] // 2
+      add(f'blk.{bid}.ffn_gate_exps.weight', value[:, :F], name + ':gate')
+      add(f'blk.{bid}.ffn_up_exps.weight', value[:, F:], name + ':up')
+      held[name] = np.concatenate([held.pop(name + ':gate'), held.pop(name + ':up')], axis=1)
+    else:
+      if name.endswith('layer_scalar') or ('.experts.' in name and not name.endswith('.weight')):
+        name_w = name + '.weight'
+      else:
+        name_w = name
+      add(names.get_name(name_w, try_suffixes=('.weight', '.bias')), value, name)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return held
+
+
+def _without_representation(config):
+  """A config with the fields that can spell one model two ways blanked (checked per layer type)."""
+  return config.replace(name='', global_head_dim=None, num_global_kv_heads=None)
+
+
+@pytest.mark.parametrize('family,outtype', [('gemma4-ple', gguf.GGMLQuantizationType.F16),
+                                            ('gemma4-moe', gguf.GGMLQuantizationType.BF16)])
+def test_tiny_gemma4_gguf(family, outtype, tmp_path):
+  """PLE + KV sharing + double-wide MLPs + k = v + partial RoPE; MoE: llama.cpp's layout gives
+  the source model's tensors and logits."""
+  from gemma_jax.convert.hf import config_from_hf
+
+  source = _tiny_gemma4_model(family)
+  held = write_gemma4_gguf(tmp_path / 'g4.gguf', source, outtype=outtype)
+  model, tokenizer = load_gguf(tmp_path / 'g4.gguf')
+  assert tokenizer.chat_format == 'gemma4' and tokenizer.vocab_size == GEMMA4_V
+  want_config = config_from_hf(source.config.to_dict())
+  assert _without_representation(model.config) == _without_representation(want_config)
+  for kind in (AttentionType.GLOBAL, AttentionType.LOCAL):
+    assert model.config.layer_head_dim(kind) == want_config.layer_head_dim(kind)
+    assert model.config.layer_kv_heads(kind) == want_config.layer_kv_heads(kind)
+
+  mine = hf_tensors_from_model(model)
+  assert sorted(mine) == sorted(held)
+  for name, value in held.items():  # norms as stored (no 1 subtracted); F16/BF16 dequantised
+    np.testing.assert_array_equal(mine[name], value, err_msg=name)
+
+  source.load_state_dict({k: torch.from_numpy(v) for k, v in held.items()}, strict=False)
+  tokens = np.array([[2, 40, 300, 7, 299, 262, 5, 100, 31, 4, 18, 250, 66, 1, 9, 3, 77, 8]])
+  with torch.no_grad():
+    want = source(torch.as_tensor(tokens)).logits.numpy()
+  got = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, jnp.asarray(tokens)))
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+@pytest.mark.parametrize('preset', ['gemma4-e2b', 'gemma4-e4b', 'gemma4-26b-a4b', 'gemma4-31b'])
+def test_gemma4_real_sizes(preset, tmp_path):
+  """The metadata the converter writes for each official size (from transformers' own config of
+  the preset) reads back as that preset; the weights are tiny stand-ins (8 vocabulary rows), and
+  only their names matter here (attn_v where k != v, a router per MoE layer)."""
+  from gemma_jax.convert.hf import hf_config_from_config
+
+  want = get_preset(preset)
+  c = transformers.Gemma4TextConfig(**hf_config_from_config(want)).to_dict()
+  w = _gemma4_writer(tmp_path / 'r.gguf', c)
+  L, D, I = want.num_layers, want.embed_dim, want.per_layer_input_dim
+  w.add_tensor('token_embd.weight', np.zeros((8, D), np.float32))
+  if I:
+    w.add_tensor('per_layer_token_embd.weight', np.zeros((8, L * I), np.float32))
+  for i, kind in enumerate(want.attention_types):
+    if want.kv_source(i) is None and not want.k_eq_v(kind):
+      w.add_tensor(f'blk.{i}.attn_v.weight', np.zeros(1, np.float32))
+    if want.num_experts:
+      w.add_tensor(f'blk.{i}.ffn_gate_inp.weight', np.zeros(1, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  got = config_from_gguf(open_gguf(tmp_path / 'r.gguf'))
+  assert got.replace(name=want.name) == want.replace(vocab_size=8)
+
+
+def test_gemma4_split_experts(tmp_path):
+  """ffn_gate_exps + ffn_up_exps (llama.cpp's other expert layout) equal the fused tensor."""
+  from gemma_jax.convert.gguf import hf_tensors_from_gguf
+  from gemma_jax.convert.hf import model_from_hf_tensors
+
+  source = _tiny_gemma4_model('gemma4-moe')
+  tensors = {}
+  for split in (False, True):
+    path = tmp_path / f'split{split}.gguf'
+    write_gemma4_gguf(path, source, outtype=gguf.GGMLQuantizationType.F32, split_experts=split)
+    reader = open_gguf(path)
+    assert any(t.name.endswith('ffn_gate_exps.weight') for t in reader.tensors) == split
+    config = config_from_gguf(reader, str(path))
+    tensors[split] = hf_tensors_from_gguf(reader, str(path), config)
+  assert sorted(tensors[True]) == sorted(tensors[False])
+  for name, value in tensors[False].items():
+    np.testing.assert_array_equal(tensors[True][name], value, err_msg=name)
+  model_from_hf_tensors(config, tensors[True])  # every expected tensor is there
+
+
+def test_gemma4_tokenizer_from_merges(tmp_path):
+  """The 'gemma4' tokenizer (merges, placeholder scores) rebuilt as SentencePiece encodes as
+  Hugging Face's BPE over the same vocabulary and merges does."""
+  from tokenizers import Tokenizer as HFTokenizer
+  from tokenizers import models, normalizers
+  from gemma_jax.convert.gguf_tokenizer import tokenizer_from_gguf
+
+  write_gemma4_gguf(tmp_path / 't.gguf', _tiny_gemma4_model('gemma4-dense'))
+  ours = tokenizer_from_gguf(tmp_path / 't.gguf')
+  reference = HFTokenizer(models.BPE(
+      vocab={t: i for i, t in enumerate(_GEMMA4_TOKENS)}, merges=_merges(_GEMMA4_TOKENS),
+      unk_token='<unk>', byte_fallback=True, fuse_unk=True))
+  reference.normalizer = normalizers.Replace(' ', '\u2581')
+  reference.add_special_tokens(['<|turn>', '<turn|>', '<|channel>', '<channel|>'])
+  assert ours.encode('her', add_bos=False) == [ours.piece_to_id(p) for p in ('h', 'er')]
+  texts = ['the cat', 'there in the inner herd', 'the  theatre!', ' thin heron, ünïcödé',
+           '<|turn>user\nhi there<turn|>', '<|channel>thought\n<channel|>the', 'ththe heer']
+  for text in texts:
+    assert ours.encode(text, add_bos=False) == reference.encode(text).ids, text
+    assert ours.decode(ours.encode(text, add_bos=False)) == text
+
+
+def test_gemma4_without_rope_freqs(tmp_path):
+  write_gemma4_gguf(tmp_path / 'r.gguf', _tiny_gemma4_model('gemma4-dense'), rope_freqs=False)
+  with pytest.raises(ValueError, match=r"r\.gguf: no rope_freqs\.weight"):
+    load_gguf(tmp_path / 'r.gguf')

@@ -6,11 +6,14 @@ conventions ('BTD,NDH->BTNH' for q, 'BSD,CKDH->CBSKH' for k/v, 'BTNH,NHD->BTD' f
 '...D,NDF->...NF' / transposed '...D,NFD->...NF' for the gating) independently of the importer.
 """
 
+import logging
+
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 import jax.numpy as jnp
+from flax import nnx
 
 from gemma_jax.config import get_preset
 from gemma_jax.convert import load_official
@@ -149,3 +152,117 @@ def test_not_a_checkpoint(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='empty.*not an Orbax checkpoint'):
     load_official(tmp_path / 'empty', 'tiny-gemma3')
+
+
+# --- Gemma 4: the gemma library's parameter tree (gemma/gm/nn/gemma4). ---
+
+def gemma4_tree(model, *, flat, seed=0):
+  """A transformers Gemma 4 model's weights as `gemma.gm.nn.gemma4` names and shapes them: the
+  nested params tree (no 'transformer' root, dense gating without 'w'), or the flat Kaggle form
+  ('transformer/...': {'w': ...}). KV-shared layers carry junk k/v weights and key norms, as the
+  released checkpoints keep theirs; junk vision/audio weights stand in for the encoders."""
+  c = model.config.to_dict()
+  L, D, N = c['num_hidden_layers'], c['hidden_size'], c['num_attention_heads']
+  types, I = c['layer_types'], c['hidden_size_per_layer_input']
+  first_shared = L - c['num_kv_shared_layers']
+  overrides = {int(i): v for i, v in c['per_layer_config'].items()}  # full-attention layers
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  rng = np.random.default_rng(seed)
+  junk = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  tree = {'embedder': {'input_embedding': sd['model.embed_tokens.weight'],
+                       'mm_input_projection': {'w': junk(8, D)},
+                       'audio_input_projection': {'w': junk(8, D)}},
+          'final_norm': {'scale': sd['model.norm.weight']},
+          'vision_encoder': {'patch': {'w': junk(4, 8)}},
+          'audio_encoder': {'conv': {'w': junk(4, 8)}}}
+  if I:
+    tree['embedder']['per_layer_embeddings'] = sd['model.embed_tokens_per_layer.weight'].reshape(
+        -1, L, I)
+    tree['embedder']['per_layer_model_projection'] = {
+        'w': sd['model.per_layer_model_projection.weight'].T.reshape(D, L, I)}
+    tree['embedder']['per_layer_projection_norm'] = {
+        'scale': sd['model.per_layer_projection_norm.weight']}
+
+  def gating(prefix):  # FeedForward: gating_einsum (2, F, D), linear (F, D)
+    g = np.stack([sd[prefix + 'gate_proj.weight'], sd[prefix + 'up_proj.weight']])
+    return {'gating_einsum': g, 'linear': sd[prefix + 'down_proj.weight'].T}
+
+  for i, kind in enumerate(types):
+    hf = f'model.layers.{i}.'
+    H = overrides.get(i, {}).get('head_dim', c['head_dim'])
+    q = sd[hf + 'self_attn.q_proj.weight']
+    attn = {'q_einsum': {'w': q.reshape(N, H, D).transpose(0, 2, 1)},
+            'attn_vec_einsum': {'w': sd[hf + 'self_attn.o_proj.weight'].reshape(D, N, H)
+                                .transpose(1, 2, 0)},
+            'query_norm': {'scale': sd[hf + 'self_attn.q_norm.weight']}}
+    k_eq_v = c['attention_k_eq_v'] and kind == 'full_attention'
+    if i >= first_shared:  # unused by the model; official checkpoints still hold them
+      K = overrides.get(i, {}).get('num_key_value_heads', c['num_key_value_heads'])
+      attn.update({'k_einsum': {'w': junk(K, D, H)}} if k_eq_v else
+                  {'kv_einsum': {'w': junk(2, K, D, H)}})
+      attn['key_norm'] = {'scale': junk(H)}
+    else:
+      K = sd[hf + 'self_attn.k_proj.weight'].shape[0] // H
+      k = sd[hf + 'self_attn.k_proj.weight'].reshape(K, H, D).transpose(0, 2, 1)
+      if k_eq_v:
+        attn['k_einsum'] = {'w': k}
+      else:
+        v = sd[hf + 'self_attn.v_proj.weight'].reshape(K, H, D).transpose(0, 2, 1)
+        attn['kv_einsum'] = {'w': np.stack([k, v])}
+      attn['key_norm'] = {'scale': sd[hf + 'self_attn.k_norm.weight']}
+    norm = lambda name: {'scale': sd[f'{hf}{name}.weight']}
+    layer = {'attn': attn, 'skip_scale': sd[hf + 'layer_scalar'],
+             'pre_attention_norm': norm('input_layernorm'),
+             'post_attention_norm': norm('post_attention_layernorm'),
+             'post_ffw_norm': norm('post_feedforward_layernorm')}
+    if c['enable_moe_block']:
+      E, F = c['num_experts'], c['moe_intermediate_size']
+      layer.update(
+          mlp2=gating(hf + 'mlp.'), pre_ffw2_norm=norm('pre_feedforward_layernorm'),
+          post_ffw2_norm=norm('post_feedforward_layernorm_1'),
+          pre_ffw_norm=norm('pre_feedforward_layernorm_2'),
+          post_ffw1_norm=norm('post_feedforward_layernorm_2'),
+          mlp={'router_logits': {'w': sd[hf + 'router.proj.weight'].T},
+               'router_scale': sd[hf + 'router.scale'],
+               'per_expert_scale': sd[hf + 'router.per_expert_scale'],
+               'gating_einsum': {'w': sd[hf + 'experts.gate_up_proj'].reshape(E, 2, F, D)},
+               'linear': {'w': sd[hf + 'experts.down_proj'].transpose(0, 2, 1)}})
+    else:
+      layer.update(mlp=gating(hf + 'mlp.'), pre_ffw_norm=norm('pre_feedforward_layernorm'))
+    if I:
+      layer.update(per_layer_input_gate={'w': sd[hf + 'per_layer_input_gate.weight'].T},
+                   per_layer_projection={'w': sd[hf + 'per_layer_projection.weight'].T},
+                   post_per_layer_input_norm=norm('post_per_layer_input_norm'))
+    tree[f'layer_{i}'] = layer
+  if not flat:
+    return tree
+  out = {}  # Kaggle's flat form: one entry per module path, leaves one level down
+
+  def walk(node, path):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f'{path}/{key}')
+      else:
+        leaf = 'w' if key in ('gating_einsum', 'linear') else key
+        module = path if leaf == key else f'{path}/{key}'
+        out.setdefault(module, {})[leaf] = value
+  walk(tree, 'transformer')
+  return out
+
+
+@pytest.mark.parametrize('family,flat', [('gemma4-ple', False), ('gemma4-moe', True)])
+def test_gemma4_layout(family, flat, tmp_path, caplog):
+  """PLE, KV sharing (unused k/v dropped), double-wide MLPs, k = v, MoE beside mlp2."""
+  reference = make_hf_model(family, seed=6)
+  tree = gemma4_tree(reference, flat=flat)
+  assert ('transformer/layer_0/attn/q_einsum' in tree) == flat
+  config = config_from_hf(reference.config.to_dict())
+  with caplog.at_level(logging.INFO, logger='gemma_jax.convert'):
+    model = load_official(_write(tree, tmp_path / 'ckpt'), config)
+  shared = reference.config.num_kv_shared_layers
+  if shared:  # each shared layer's k/v (or k) weights and key norm
+    assert f'dropped {2 * shared} key/value arrays of KV-shared layers' in caplog.text
+  assert 'skipped 4 multimodal arrays' in caplog.text
+  got = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, jnp.asarray(TOKENS)))
+  want = hf_logits(reference, TOKENS)
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5

@@ -1,4 +1,4 @@
-"""GGUF import: `load_gguf(path) -> (Transformer, Tokenizer)` for llama.cpp's gemma, gemma2, gemma3.
+"""GGUF import: `load_gguf(path) -> (Transformer, Tokenizer)` for llama.cpp's gemma .. gemma4.
 
 Facts this importer relies on (llama.cpp's `convert_hf_to_gguf.py`, transformers' GGUF loader):
 - Tensors are stored row-major with GGUF's dimension list reversed: a tensor whose GGUF shape is
@@ -9,6 +9,23 @@ Facts this importer relies on (llama.cpp's `convert_hf_to_gguf.py`, transformers
 - Only the global RoPE base is stored; Gemma 3's local base (10k) comes from the preset. The
   query scale and the layer pattern are not stored either: they come from the Gemma generation and,
   when the shapes match a known size (e.g. Gemma 2/3 27B use (D/N)**-0.5), from its preset.
+
+Gemma 4 (llama.cpp's `Gemma4Model` converter and `src/models/gemma4.cpp`; read, not run):
+- Norms are stored as they are (Gemma 4 multiplies by its norm weights), not + 1.
+- Per-layer metadata arrays: `sliding_window_pattern` (True = sliding), `head_count_kv` (global
+  layers' own kv-head count), `feed_forward_length` (doubled on KV-shared layers when the MLPs are
+  double-wide). `key_length`/`value_length` are the global layers' head dim, `*_swa` the sliding
+  layers'; `shared_kv_layers` counts the last layers that reuse keys and values (they may lack
+  attn_k/attn_v); `embedding_length_per_layer_input` is the per-layer input width (0: none).
+- Global layers' partial ('proportional') RoPE is a generated `rope_freqs.weight`: a frequency
+  factor per pair, 1 for the rotated ones and 1e30 (no rotation) for the rest; the sliding base is
+  `rope.freq_base_swa`.
+- k = v global layers have no attn_v. MoE layers: `ffn_gate_inp.weight` (router), `.scale`
+  tensors for the router scale (`ffn_gate_inp.scale`) and the per-expert scale
+  (`ffn_down_exps.scale`), experts fused `ffn_gate_up_exps` [E, 2F, D] (gate rows, then up) or
+  split `ffn_gate_exps` + `ffn_up_exps`, and `ffn_down_exps` [E, D, F]. `layer_output_scale` is the
+  layer scalar. Per-layer input tensors: `per_layer_token_embd` [V, L*I], `per_layer_model_proj`,
+  `per_layer_proj_norm`, and per layer `inp_gate`, `proj`, `post_norm`.
 Dequantisation uses the `gguf` package's own routines (`gguf.quants.dequantize`).
 """
 
@@ -27,8 +44,8 @@ from gemma_jax.config import AttentionType, ModelConfig
 
 log = logging.getLogger('gemma_jax.convert')
 
-SUPPORTED_ARCHITECTURES = ('gemma', 'gemma2', 'gemma3')
-_FAMILY = {'gemma': 1, 'gemma2': 2, 'gemma3': 3}
+SUPPORTED_ARCHITECTURES = ('gemma', 'gemma2', 'gemma3', 'gemma4')
+_FAMILY = {'gemma': 1, 'gemma2': 2, 'gemma3': 3, 'gemma4': 4}
 GLOBAL, LOCAL = AttentionType.GLOBAL, AttentionType.LOCAL
 
 # GGUF per-layer tensor -> (HF per-layer tensor, is a norm stored as 1 + scale).
@@ -51,7 +68,31 @@ _LAYER_NAMES = {
 # `post_attention_layernorm`.
 _GEMMA1_LAYER_NAMES = dict(_LAYER_NAMES, ffn_norm=('post_attention_layernorm', True))
 _GLOBAL_NAMES = {'token_embd': ('model.embed_tokens', False), 'output_norm': ('model.norm', True)}
-_LAYER_RE = re.compile(r'blk\.(\d+)\.(\w+)\.weight')
+_LAYER_RE = re.compile(r'blk\.(\d+)\.(\w+)\.(weight|scale)')
+# Gemma 4: GGUF name (past 'blk.N.') -> HF name (past 'model.layers.N.'); no norm is shifted.
+_GEMMA4_LAYER_NAMES = {
+    **{f'{k}.weight': f'{hf}.weight' for k, (hf, _) in _LAYER_NAMES.items()},
+    'pre_ffw_norm_2.weight': 'pre_feedforward_layernorm_2.weight',
+    'post_ffw_norm_1.weight': 'post_feedforward_layernorm_1.weight',
+    'post_ffw_norm_2.weight': 'post_feedforward_layernorm_2.weight',
+    'layer_output_scale.weight': 'layer_scalar',
+    'inp_gate.weight': 'per_layer_input_gate.weight',
+    'proj.weight': 'per_layer_projection.weight',
+    'post_norm.weight': 'post_per_layer_input_norm.weight',
+    'ffn_gate_inp.weight': 'router.proj.weight',
+    'ffn_gate_inp.scale': 'router.scale',
+    'ffn_down_exps.scale': 'router.per_expert_scale',
+    'ffn_gate_up_exps.weight': 'experts.gate_up_proj',
+    'ffn_down_exps.weight': 'experts.down_proj',
+    'ffn_gate_exps.weight': 'experts.gate_proj',  # split experts: fused into gate_up_proj below
+    'ffn_up_exps.weight': 'experts.up_proj',
+}
+_GEMMA4_GLOBAL_NAMES = {
+    'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weight': 'model.norm.weight',
+    'per_layer_token_embd.weight': 'model.embed_tokens_per_layer.weight',
+    'per_layer_model_proj.weight': 'model.per_layer_model_projection.weight',
+    'per_layer_proj_norm.weight': 'model.per_layer_projection_norm.weight'}
+_ROPE_FREQS = 'rope_freqs.weight'  # Gemma 4: read into the config, not a weight
 
 
 def open_gguf(path: str | os.PathLike):
@@ -130,6 +171,13 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
       raise ValueError(f'{path}: GGUF metadata has no {arch}.{key}; cannot build the model config.')
     return _uniform(path, f'{arch}.{key}', value)
 
+  embedding = _tensor_info(reader, 'token_embd.weight')
+  if embedding is None:
+    raise ValueError(f'{path}: no token_embd.weight tensor.')
+  V = int(embedding.shape[1])  # GGUF order: [D, V].
+  eps = float(f"{get('attention.layer_norm_rms_epsilon', 1e-6):.6g}")  # 1e-6 stored as float32.
+  if family == 4:
+    return _gemma4_config(reader, path, V, eps)
   L, D, F = get('block_count'), get('embedding_length'), get('feed_forward_length')
   N = get('attention.head_count')
   K = get('attention.head_count_kv', N)
@@ -137,12 +185,7 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
   if get('attention.value_length', H) != H:
     raise ValueError(f'{path}: {arch}.attention.value_length differs from key_length; '
                      'Gemma uses one head dimension.')
-  embedding = next((t for t in reader.tensors if t.name == 'token_embd.weight'), None)
-  if embedding is None:
-    raise ValueError(f'{path}: no token_embd.weight tensor.')
-  V = int(embedding.shape[1])  # GGUF order: [D, V].
   preset = _matching_preset(family, L, D, F, N, K, H)
-  eps = float(f"{get('attention.layer_norm_rms_epsilon', 1e-6):.6g}")  # 1e-6 stored as float32.
   common = dict(num_layers=L, embed_dim=D, hidden_dim=F, num_heads=N, num_kv_heads=K, head_dim=H,
                 vocab_size=V, rms_norm_eps=eps, family=family,
                 max_seq_len=get('context_length', 8192),
@@ -172,43 +215,182 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
   return ModelConfig(name=name, **common, **cfg)
 
 
+def _tensor_info(reader, name: str):
+  return next((t for t in reader.tensors if t.name == name), None)
+
+
+def _dequantize(t, path: str) -> np.ndarray:
+  """A GGUF tensor as float32 numpy in Hugging Face's orientation (GGUF's dims reversed)."""
+  import gguf  # Deferred: only the GGUF paths need the package.
+
+  shape = tuple(int(d) for d in reversed(t.shape))
+  try:
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+  except NotImplementedError as e:
+    raise ValueError(f'{path}: tensor {t.name!r} uses {t.tensor_type.name}, which the gguf '
+                     f'package cannot dequantise ({e}).') from e
+
+
+def _gemma4_config(reader, path: str, V: int, eps: float) -> ModelConfig:
+  """ModelConfig of a gemma4 file: its metadata, per-layer arrays and what its tensors show (the
+  rotated fraction in rope_freqs, k = v where global layers lack attn_v, the per-layer table's
+  rows). Raises ValueError naming the key for what Gemma 4 cannot be."""
+
+  def get(key, default=None):
+    value = _value(reader, f'gemma4.{key}', default)
+    if value is None:
+      raise ValueError(f'{path}: GGUF metadata has no gemma4.{key}; cannot build the model config.')
+    return value
+
+  def per_layer(key, default=None):  # a scalar or one value per layer -> one value per layer
+    value = get(key, default)
+    if isinstance(value, list) and len(value) != L:
+      raise ValueError(f'{path}: gemma4.{key} has {len(value)} entries for {L} layers.')
+    return value if isinstance(value, list) else [value] * L
+
+  def one(key, values):
+    if len(set(values)) > 1:
+      raise ValueError(f'{path}: gemma4.{key} takes values {sorted(set(values))} where Gemma 4 '
+                       'has one.')
+    return values[0] if values else None
+
+  L, D = get('block_count'), get('embedding_length')
+  N = _uniform(path, 'gemma4.attention.head_count', get('attention.head_count'))
+  pattern = get('attention.sliding_window_pattern')
+  if not isinstance(pattern, list) or len(pattern) != L:
+    raise ValueError(f'{path}: gemma4.attention.sliding_window_pattern must have one flag per '
+                     f'layer ({L}; True: sliding), got {pattern!r}.')
+  types = tuple(LOCAL if sliding else GLOBAL for sliding in pattern)
+  shared = get('attention.shared_kv_layers', 0)
+  first_shared = L - shared
+  H_g = get('attention.key_length')
+  H_l = get('attention.key_length_swa', H_g)
+  if (get('attention.value_length', H_g), get('attention.value_length_swa', H_l)) != (H_g, H_l):
+    raise ValueError(f'{path}: gemma4.attention.value_length(_swa) differs from key_length(_swa).')
+  kv = per_layer('attention.head_count_kv', N)
+  K_g = one('attention.head_count_kv (full-attention layers)',
+            [k for k, t in zip(kv, types) if t == GLOBAL])
+  K = one('attention.head_count_kv (sliding layers)', [k for k, t in zip(kv, types) if t == LOCAL])
+  ff = per_layer('feed_forward_length')
+  F = one('feed_forward_length (layers with their own keys)', ff[:first_shared])
+  F_shared = one('feed_forward_length (KV-shared layers)', ff[first_shared:]) or F
+  if F_shared not in (F, 2 * F):
+    raise ValueError(f'{path}: gemma4.feed_forward_length is {F_shared} on KV-shared layers and '
+                     f'{F} elsewhere; Gemma 4 doubles it or keeps it.')
+  if get('rope.dimension_count_swa', H_l) != H_l or get('rope.dimension_count', H_g) != H_g:
+    raise ValueError(f'{path}: gemma4.rope.dimension_count(_swa) is not the head dim; Gemma 4 '
+                     'rotates part of a head through rope_freqs only.')
+  fraction, names = 1.0, {t.name for t in reader.tensors}
+  if GLOBAL in types:
+    fraction = _rotated_fraction(reader, path, H_g)
+  own_kv = [i for i in range(first_shared) if types[i] == GLOBAL]
+  no_v = [f'blk.{i}.attn_v.weight' not in names for i in own_kv]
+  if len(set(no_v)) > 1:
+    raise ValueError(f'{path}: some full-attention layers have attn_v and some do not.')
+  I = get('embedding_length_per_layer_input', 0)
+  table = _tensor_info(reader, 'per_layer_token_embd.weight')
+  V_pl = int(table.shape[1]) if I and table is not None else None
+  E = get('expert_count') if any(n.endswith('.ffn_gate_inp.weight') for n in names) else 0
+  has_local = LOCAL in types
+  softcap = _value(reader, 'gemma4.final_logit_softcapping')
+  config = ModelConfig(
+      name=f'gguf-gemma4-{_value(reader, "general.name", "model")}', num_layers=L, embed_dim=D,
+      hidden_dim=F, num_heads=N, head_dim=H_l, num_kv_heads=K or K_g, vocab_size=V,
+      attention_types=types,
+      sliding_window=get('attention.sliding_window') if has_local else None,
+      query_pre_attn_scalar=1.0, final_logit_soft_cap=float(softcap) if softcap else None,
+      use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True,
+      rope_base_global=float(get('rope.freq_base', 1_000_000.0)),
+      rope_base_local=float(get('rope.freq_base_swa', 10_000.0)), rms_norm_eps=eps,
+      max_seq_len=get('context_length', 131_072), family=4,
+      global_head_dim=H_g if H_g != H_l else None,
+      num_global_kv_heads=K_g if K and K_g != K else None,
+      attention_k_eq_v=bool(no_v and no_v[0]), rope_fraction_global=fraction,
+      num_kv_shared_layers=shared, double_wide_mlp=F_shared == 2 * F != F,
+      per_layer_input_dim=I, per_layer_vocab_size=V_pl if V_pl != V else None,
+      num_experts=E, num_experts_per_token=get('expert_used_count') if E else 0,
+      expert_hidden_dim=get('expert_feed_forward_length') if E else 0)
+  preset = next((p for p in config_lib.PRESETS.values()
+                 if p.replace(name=config.name) == config), None)
+  return preset or config
+
+
+def _rotated_fraction(reader, path: str, H: int) -> float:
+  """Gemma 4 global layers' rotated fraction of H, from llama.cpp's `rope_freqs` factors (1 for
+  each rotated pair, then 1e30 for each pair left unrotated)."""
+  t = _tensor_info(reader, _ROPE_FREQS)
+  if t is None:
+    raise ValueError(f'{path}: no {_ROPE_FREQS}; gemma4 files carry the full-attention layers\' '
+                     'RoPE frequency factors there.')
+  factors = _dequantize(t, path).reshape(-1)
+  rotated = int(np.argmin(factors == 1.0)) if (factors != 1.0).any() else factors.size
+  if factors.size != H // 2 or not (factors[rotated:] >= 1e29).all():
+    raise ValueError(f'{path}: {_ROPE_FREQS} must hold {H // 2} factors, 1 (rotated) then 1e30 '
+                     f'(not rotated); got {factors.size} starting {factors[:4].tolist()}.')
+  fraction = 2 * rotated / H
+  if int(fraction * H // 2) != rotated:  # the rule of layers.apply_rope
+    raise ValueError(f'{path}: {rotated} rotated pairs of {H // 2} is not a fraction gemma_jax '
+                     'can express exactly.')
+  return fraction
+
+
 def hf_tensors_from_gguf(reader, path: str, config: ModelConfig) -> dict[str, np.ndarray]:
   """All tensors dequantised to float32 and renamed to Hugging Face's names and conventions."""
-  import gguf  # Deferred, as above.
-
-  layer_names = _GEMMA1_LAYER_NAMES if config.family == 1 else _LAYER_NAMES
   tensors = {}
   for i, t in enumerate(reader.tensors):
     if t.name == 'output.weight':
       log.warning('%s: ignoring output.weight: Gemma ties the output head to token_embd.', path)
       continue
-    m = _LAYER_RE.fullmatch(t.name)
-    if m and m.group(2) in layer_names:
-      hf, is_norm = layer_names[m.group(2)]
-      hf = f'model.layers.{m.group(1)}.{hf}'
-    elif t.name.endswith('.weight') and t.name[:-7] in _GLOBAL_NAMES:
-      hf, is_norm = _GLOBAL_NAMES[t.name[:-7]]
-    else:
+    if config.family == 4 and t.name == _ROPE_FREQS:
+      continue  # read by _gemma4_config
+    hf, is_norm = _hf_name(t.name, config.family)
+    if hf is None:
       raise ValueError(f'{path}: unexpected tensor {t.name!r} for a Gemma {config.family} model.')
-    shape = tuple(int(d) for d in reversed(t.shape))
-    try:
-      w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
-    except NotImplementedError as e:
-      raise ValueError(f'{path}: tensor {t.name!r} uses {t.tensor_type.name}, which the gguf '
-                       f'package cannot dequantise ({e}).') from e
-    tensors[f'{hf}.weight'] = w - np.float32(1.0) if is_norm else w
+    w = _dequantize(t, path)
+    tensors[hf] = w - np.float32(1.0) if is_norm else w
     if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
       log.info('%s: dequantised %d/%d tensors', os.path.basename(path), i + 1, len(reader.tensors))
+  if config.family == 4:
+    _fuse_split_experts(tensors, path)
   return tensors
 
 
+def _hf_name(name: str, family: int) -> tuple[str | None, bool]:
+  """(HF name, whether it is a norm stored as 1 + scale) of a GGUF tensor; (None, _) if unknown."""
+  m = _LAYER_RE.fullmatch(name)
+  if family == 4:
+    if m and f'{m.group(2)}.{m.group(3)}' in _GEMMA4_LAYER_NAMES:
+      return f'model.layers.{m.group(1)}.{_GEMMA4_LAYER_NAMES[f"{m.group(2)}.{m.group(3)}"]}', False
+    return _GEMMA4_GLOBAL_NAMES.get(name), False
+  layer_names = _GEMMA1_LAYER_NAMES if family == 1 else _LAYER_NAMES
+  if m and m.group(3) == 'weight' and m.group(2) in layer_names:
+    hf, is_norm = layer_names[m.group(2)]
+    return f'model.layers.{m.group(1)}.{hf}.weight', is_norm
+  if name.endswith('.weight') and name[:-7] in _GLOBAL_NAMES:
+    hf, is_norm = _GLOBAL_NAMES[name[:-7]]
+    return f'{hf}.weight', is_norm
+  return None, False
+
+
+def _fuse_split_experts(tensors: dict[str, np.ndarray], path: str) -> None:
+  """Split expert tensors (ffn_gate_exps, ffn_up_exps: [E, F, D] each) -> HF's fused
+  gate_up_proj [E, 2F, D], gate rows first (llama.cpp fuses them in this order)."""
+  for gate in [k for k in tensors if k.endswith('.experts.gate_proj')]:
+    up = gate[:-len('gate_proj')] + 'up_proj'
+    if up not in tensors:
+      raise ValueError(f'{path}: {gate!r} (ffn_gate_exps) has no matching ffn_up_exps.')
+    tensors[gate[:-len('gate_proj')] + 'gate_up_proj'] = np.concatenate(
+        [tensors.pop(gate), tensors.pop(up)], axis=1)
+  # A lone up_proj is left for model_from_hf_tensors to report as unexpected.
+
+
 def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardings=None):
-  """Loads a llama.cpp GGUF file (Gemma 1/2/3) as `(Transformer, Tokenizer)`.
+  """Loads a llama.cpp GGUF file (Gemma 1/2/3/4) as `(Transformer, Tokenizer)`.
 
   Quantised tensors are dequantised to float32 on the host, then stored in `param_dtype` (default:
   `dtype`, the compute dtype), each placed on its sharding when `shardings` is given (see
   `transformer.model_from_params`). Raises ValueError naming the file for a file that is not
-  GGUF, a truncated file, an architecture other than gemma/gemma2/gemma3, or a tokenizer whose
+  GGUF, a truncated file, an architecture other than gemma .. gemma4, or a tokenizer whose
   vocabulary size differs from the embedding's.
   """
   from gemma_jax.convert.gguf_tokenizer import sentencepiece_model_from_gguf

@@ -5,6 +5,15 @@ llama.cpp's converter writes a SentencePiece ("llama") tokenizer as three parall
 equivalent SentencePiece `ModelProto` (BPE, byte fallback, identity normalisation), so Gemma's
 tokenizer is available offline from a `.gguf` file alone.
 
+Gemma 4 files (`tokenizer.ggml.model` 'gemma4', llama.cpp's `Gemma4Model.set_vocab`) carry the
+same SentencePiece-style BPE vocabulary (pieces with U+2581, byte pieces, no dummy prefix) but
+placeholder scores (-1000) and the merge list of the Hugging Face tokenizer instead. SentencePiece
+BPE merges, at each step, the adjacent pair whose joined piece scores highest; Hugging Face BPE
+merges the pair of lowest rank. So a piece made by merge r is given score -r (its first merge),
+and multi-character pieces no merge makes get the lowest score: the same choices, as long as the
+merge list holds every pair whose joined piece is in the vocabulary (true of lists converted from
+SentencePiece, which Gemma's is).
+
 Type mapping (GGUF -> SentencePiece), chosen to reproduce transformers' tokenizer:
   NORMAL -> NORMAL, BYTE -> BYTE, UNUSED -> UNUSED, USER_DEFINED -> USER_DEFINED;
   the piece named by `unknown_token_id` -> UNKNOWN (GGUF marks Gemma's `<unk>` CONTROL);
@@ -83,15 +92,40 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
   return Tokenizer(_model_proto(reader, name), source=name)
 
 
+def _scores_from_merges(tokens: list[str], merges: list[str], name: str) -> np.ndarray:
+  """SentencePiece scores that make its BPE merge as a Hugging Face merge list does (see the
+  module docstring): -rank for a merged piece, lower than every rank for other longer pieces."""
+  index = {t: i for i, t in enumerate(tokens)}
+  lengths = np.array([len(t) for t in tokens])
+  scores = np.where(lengths > 1, -float(len(merges) + 1), 0.0)
+  made = np.zeros(len(tokens), bool)
+  for rank, merge in enumerate(merges):
+    split = merge.find(' ', 1)  # llama.cpp's rule: a piece may itself start with a space
+    if split < 0:
+      raise ValueError(f'{name}: tokenizer.ggml.merges entry {rank} ({merge!r}) is not two '
+                       'pieces separated by a space')
+    i = index.get(merge[:split] + merge[split + 1:])
+    if i is None:
+      raise ValueError(f'{name}: tokenizer.ggml.merges entry {rank} ({merge!r}) makes a piece '
+                       'that is not in tokenizer.ggml.tokens')
+    if not made[i]:
+      made[i], scores[i] = True, -float(rank)
+  return scores
+
+
 def _model_proto(reader, name) -> bytes:
   model = _field(reader, name, 'tokenizer.ggml.model')
   kind = bytes(model.parts[model.data[0]]).decode()
-  if kind != 'llama':
+  if kind not in ('llama', 'gemma4'):
     raise ValueError(f'{name}: tokenizer.ggml.model is {kind!r}; only SentencePiece ("llama") '
-                     'tokenizers can be rebuilt as a SentencePiece model')
+                     'and Gemma 4 ("gemma4") tokenizers can be rebuilt as a SentencePiece model')
   tokens = _strings(_field(reader, name, 'tokenizer.ggml.tokens'))
-  scores = _numbers(_field(reader, name, 'tokenizer.ggml.scores'))
   types = _numbers(_field(reader, name, 'tokenizer.ggml.token_type'))
+  if kind == 'gemma4':
+    scores = _scores_from_merges(tokens, _strings(_field(reader, name, 'tokenizer.ggml.merges')),
+                                 name)
+  else:
+    scores = _numbers(_field(reader, name, 'tokenizer.ggml.scores'))
   if not len(tokens) == len(scores) == len(types):
     raise ValueError(f'{name}: tokenizer.ggml.tokens/scores/token_type have different lengths '
                      f'({len(tokens)}, {len(scores)}, {len(types)})')

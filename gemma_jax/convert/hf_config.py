@@ -136,9 +136,12 @@ def config_from_hf(hf: Mapping[str, Any], source: str = 'config.json') -> ModelC
 
 def _gemma4_fields(hf, attention_types, fraction_g, source) -> dict[str, Any]:
   """ModelConfig fields of the Gemma 4 keys."""
-  if hf.get('use_bidirectional_attention'):
-    raise ValueError(f'{source}: use_bidirectional_attention='
-                     f'{hf["use_bidirectional_attention"]!r} is not supported (causal only).')
+  # 'vision' (the 26B and 31B models) makes image tokens attend both ways; text stays causal, so
+  # a text model reads it as None. 'all' would make every token bidirectional.
+  bidirectional = hf.get('use_bidirectional_attention')
+  if bidirectional not in (None, 'vision'):
+    raise ValueError(f'{source}: use_bidirectional_attention={bidirectional!r} is not supported '
+                     "(text attends causally; None and 'vision' are read).")
   # transformers writes global layers' head dim and kv heads per layer; all must agree.
   per_layer = {int(k): v for k, v in (hf.get('per_layer_config') or {}).items()}
   global_dims = set()
@@ -163,7 +166,8 @@ def _gemma4_fields(hf, attention_types, fraction_g, source) -> dict[str, Any]:
   if moe and int(hf['top_k_experts']) > int(hf['num_experts']):
     raise ValueError(f'{source}: top_k_experts={hf["top_k_experts"]} is larger than '
                      f'num_experts={hf["num_experts"]}.')
-  per_layer_vocab = hf.get('vocab_size_per_layer_input') if hf.get('hidden_size_per_layer_input') else None
+  per_layer_vocab = (hf.get('vocab_size_per_layer_input')
+                     if hf.get('hidden_size_per_layer_input') else None)
   if per_layer_vocab == hf.get('vocab_size'):
     per_layer_vocab = None  # the default: as many rows as the main table
   return dict(
