@@ -14,9 +14,12 @@ the mesh axes ('data', 'fsdp', 'tensor'):
   mlp            'tensor'            F (feed-forward hidden)   |
   vocab          'tensor'            V (embedding rows, logits)/
   head_dim       -                   H
+  expert         'fsdp'              E of MoE expert weights: each device stores E / fsdp experts
 
 A dimension that does not divide the product of its mesh axes is replicated (MQA has K = 1), and
-a mesh axis is used at most once per array (the first dimension that claims it wins).
+a mesh axis is used at most once per array (the first dimension that claims it wins): an expert
+weight (E, D, 2, F) with axes ('expert', 'embed', None, 'mlp') gives fsdp to E and keeps D whole,
+unless E does not divide fsdp, in which case D takes it.
 
 Typical use:
 ```
@@ -45,7 +48,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'vocab')
+LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'vocab',
+                'expert')
 MeshAxes = tuple[str, ...]  # one logical axis maps to zero or more mesh axes
 ONE_DEVICE = jax.sharding.AbstractMesh((1, 1, 1), MESH_AXES)
 
@@ -155,6 +159,7 @@ class ShardingRules:
   head_dim: MeshAxes = ()
   mlp: MeshAxes = ('tensor',)
   vocab: MeshAxes = ('tensor',)
+  expert: MeshAxes = ('fsdp',)
 
   def __post_init__(self):
     for f in dataclasses.fields(self):

@@ -6,6 +6,7 @@ requested before JAX starts. When this process already has 8 devices they are co
 directly; otherwise one test runs them in a fresh 8-device subprocess.
 """
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -51,8 +52,9 @@ def _abstract_mesh(data=1, fsdp=1, tensor=1):
 
 def test_default_rules_and_overrides():
   r = sh.ShardingRules()
-  assert r.embed == ('fsdp',) and r.batch == ('data', 'fsdp') and r.length == ()
+  assert r.embed == r.expert == ('fsdp',) and r.batch == ('data', 'fsdp') and r.length == ()
   assert r.heads == r.kv_heads == r.mlp == r.vocab == ('tensor',)
+  assert {f.name for f in dataclasses.fields(r)} == set(sh.LOGICAL_AXES)
   o = sh.ShardingRules.from_config({'embed': 'fsdp,tensor', 'mlp': None, 'batch': ['data']})
   assert o.embed == ('fsdp', 'tensor') and o.mlp == () and o.batch == ('data',)
   assert o.vocab == ('tensor',)  # untouched keys keep their defaults
@@ -99,6 +101,27 @@ def test_param_shardings_cover_every_parameter():
   assert by_name['layers.0.attn._query_norm.scale'] == P(None)
   assert by_name['final_norm.scale'] == P('fsdp')
   assert len(by_name) == len(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+
+
+def test_expert_weights_split_over_fsdp_by_expert_first():
+  """MoE weights (E, D, 2, F) / (E, F, D): E claims fsdp (each device stores E / fsdp experts)
+  and D, coming after it, stays whole; when E does not divide fsdp, D takes it instead."""
+  abstract = nnx.eval_shape(lambda: Transformer(get_preset('tiny-gemma4-moe'), rngs=nnx.Rngs(0)))
+
+  def moe_specs(mesh, rules=None):
+    specs = nnx.to_flat_state(sh.partition_specs(abstract, mesh, rules))
+    return {'.'.join(map(str, p[3:])): v.get_value() for p, v in specs
+            if p[:3] == ('layers', 0, 'moe')}
+
+  specs = moe_specs(_abstract_mesh(1, 2, 4))  # E = 8, D = 64, F = 32
+  assert specs['gating_einsum'] == P('fsdp', None, None, 'tensor')
+  assert specs['linear'] == P('fsdp', 'tensor', None)
+  assert specs['router.w'] == P('fsdp', None) and specs['per_expert_scale'] == P(None)
+  assert moe_specs(_abstract_mesh(fsdp=16))['gating_einsum'] == P(None, 'fsdp', None, None)
+  no_expert = sh.ShardingRules(expert=None)
+  assert moe_specs(_abstract_mesh(1, 2, 4), no_expert)['linear'] == P(None, 'tensor', 'fsdp')
+  with pytest.raises(ValueError, match=r"config.sharding_rules.expert: unknown mesh axis 'ep'"):
+    sh.ShardingRules.from_config({'expert': 'ep'})
 
 
 def test_optimizer_states_get_their_parameters_shardings():
@@ -164,6 +187,22 @@ def test_gemma1_7b_params_and_adamw_state_split_evenly_over_fsdp():
   assert sh.per_device_bytes(state, _abstract_mesh(tensor=8)) <= 1.05 * total / 8
 
 
+def test_gemma4_26b_a4b_params_and_adamw_state_split_evenly_with_experts_sharded():
+  """26B MoE: the 128 experts of each layer (most of its weights) split over fsdp; past 128
+  devices E no longer divides fsdp and D (2816) takes it instead, so it still splits evenly."""
+  state = _params_and_adamw('gemma4-26b-a4b')
+  total = sh.per_device_bytes(state, _abstract_mesh())
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state['params']))
+  layer = state['params']['layers'][0]['moe']
+  n_experts = math.prod(layer['gating_einsum'].shape) + math.prod(layer['linear'].shape)
+  assert 25e9 < n_params < 26e9 and 30 * n_experts > 0.85 * n_params  # 90%
+  for fsdp in (8, 128, 256):
+    per_device = sh.per_device_bytes(state, _abstract_mesh(fsdp=fsdp))
+    assert per_device <= 1.05 * total / fsdp, (fsdp, per_device, total)
+  expert_bytes = lambda mesh: sh.per_device_bytes(layer['linear'], mesh)
+  assert expert_bytes(_abstract_mesh(fsdp=8)) * 8 == expert_bytes(_abstract_mesh())
+
+
 # ---------------------------------------------------------------------------------------------
 # Activations.
 
@@ -177,4 +216,5 @@ def test_rules_round_trip_through_config_strings():
   rules = sh.ShardingRules(embed=('fsdp', 'tensor'), mlp=None)
   cfg = rules.to_config()
   assert cfg['embed'] == 'fsdp,tensor' and cfg['mlp'] == '' and cfg['batch'] == 'data,fsdp'
+  assert cfg['expert'] == 'fsdp' and list(cfg) == list(sh.LOGICAL_AXES)
   assert sh.ShardingRules.from_config(cfg) == rules
