@@ -12,14 +12,20 @@ natively on GPU and TPU; its CPU lowering computes every group densely (correct,
 work), which is why tests/test_moe.py counts FLOPs in the GPU lowering.
 
 Expert weights carry the logical axis 'expert' (gemma_jax.sharding maps it to 'fsdp': each device
-stores E / fsdp experts, gathered for use like every FSDP weight).
+stores E / fsdp experts, gathered for use like every FSDP weight), and each batch shard dispatches
+its own rows (`jax.shard_map`), so activation memory follows the local batch.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from gemma_jax import sharding
 
 from gemma_jax.config import ModelConfig
 from gemma_jax.layers import Einsum, RMSNorm, einsum_param
@@ -57,20 +63,6 @@ class MoE(nnx.Module):
     rows routed to it (its router is an `Einsum` of its own)."""
     return {'gating_einsum': self.GATING, 'linear': self.LINEAR}
 
-  def _ragged(self, name: str, x_RX: jax.Array, w_EXY: jax.Array,
-              group_sizes_E: jax.Array) -> jax.Array:
-    """Each row of x times its expert's weight `name` ([E, X, Y] view), plus the expert's LoRA
-    update when gemma_jax.lora gave it one."""
-    y_RY = jax.lax.ragged_dot(x_RX, w_EXY, group_sizes_E)
-    a = getattr(self, f'{name}_lora_a', None)
-    if a is None:
-      return y_RY
-    b = getattr(self, f'{name}_lora_b')[...].astype(y_RY.dtype)
-    E, r = b.shape[:2]
-    xa_Rr = jax.lax.ragged_dot(x_RX, a[...].astype(y_RY.dtype), group_sizes_E)
-    update_RY = jax.lax.ragged_dot(xa_Rr, b.reshape(E, r, -1), group_sizes_E)
-    return y_RY + update_RY * jnp.asarray(getattr(self, f'{name}_lora_scale'), y_RY.dtype)
-
   def route(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(weights [B,T,k] float32, expert ids [B,T,k] int32) of each token's top-k experts."""
     D = x_BTD.shape[-1]
@@ -83,24 +75,64 @@ class MoE(nnx.Module):
     scale_E = self.per_expert_scale[...].astype(jnp.float32)
     return weights_BTk * scale_E[experts_BTk], experts_BTk
 
+  def _expert_weights(self) -> dict[str, jax.Array]:
+    """The expert weights in the compute dtype, with their LoRA factors where gemma_jax.lora
+    added them: `gating_einsum` [E, D, 2F], `linear` [E, F, D], `{name}_lora_a` / `_lora_b`."""
+    E, D, _, F = self.gating_einsum.shape
+    w = {'gating_einsum': self.gating_einsum[...].reshape(E, D, 2 * F),
+         'linear': self.linear[...]}
+    for name in ('gating_einsum', 'linear'):
+      if hasattr(self, f'{name}_lora_a'):
+        w[f'{name}_lora_a'] = getattr(self, f'{name}_lora_a')[...]
+        b = getattr(self, f'{name}_lora_b')[...]
+        w[f'{name}_lora_b'] = b.reshape(*b.shape[:2], -1)
+    return {k: v.astype(self.dtype) for k, v in w.items()}
+
   def __call__(self, x_BTD: jax.Array, expert_in_BTD: jax.Array) -> jax.Array:
     """Routes by `x_BTD` and runs the experts on `expert_in_BTD` (Gemma 4 routes on the residual
-    stream and feeds the experts its pre-norm); returns [B,T,D] in the compute dtype."""
+    stream and feeds the experts its pre-norm); returns [B,T,D] in the compute dtype.
+
+    Under a mesh that splits the batch, each batch shard sorts and dispatches its own rows
+    (`jax.shard_map`, the expert weights gathered whole to every shard as FSDP gathers every
+    weight): without it the partitioner gathers the whole global batch's rows on every device.
+    """
     weights_BTk, experts_BTk = self.route(x_BTD)
-    B, T, D = x_BTD.shape
-    k, E = self.top_k, self.per_expert_scale.shape[0]
-    # (token, expert) pairs sorted by expert: each expert's rows are one contiguous group.
-    experts_R = experts_BTk.reshape(-1)
-    order_R = jnp.argsort(experts_R, stable=True)
-    token_R = order_R // k
-    group_sizes_E = jnp.bincount(experts_R, length=E).astype(jnp.int32)
-    x_RD = expert_in_BTD.reshape(B * T, D).astype(self.dtype)[token_R]
-    w1_EDCF = self.gating_einsum[...].astype(self.dtype)
-    F = w1_EDCF.shape[-1]
-    gate_up_RCF = self._ragged('gating_einsum', x_RD, w1_EDCF.reshape(E, D, 2 * F),
-                               group_sizes_E).reshape(-1, 2, F)
-    act_RF = jax.nn.gelu(gate_up_RCF[:, 0], approximate=True) * gate_up_RCF[:, 1]
-    y_RD = self._ragged('linear', act_RF, self.linear[...].astype(self.dtype), group_sizes_E)
-    y_RD = y_RD * weights_BTk.reshape(-1)[order_R][:, None].astype(y_RD.dtype)
-    y_MD = jnp.zeros((B * T, D), y_RD.dtype).at[token_R].add(y_RD)
-    return y_MD.reshape(B, T, D)
+    scales = {name: getattr(self, f'{name}_lora_scale') for name in ('gating_einsum', 'linear')
+              if hasattr(self, f'{name}_lora_scale')}
+    run = functools.partial(_dispatch, lora_scales=scales, dtype=self.dtype)
+    spec = sharding.current_spec(('batch', None, None), x_BTD.shape)
+    args = (expert_in_BTD, weights_BTk, experts_BTk, self._expert_weights())
+    if spec is None or spec[0] is None:
+      return run(*args)
+    rows = P(spec[0], None, None)
+    return jax.shard_map(run, mesh=jax.sharding.get_abstract_mesh(),
+                         in_specs=(rows, rows, rows, P()), out_specs=rows)(*args)
+
+
+def _dispatch(x_BTD, weights_BTk, experts_BTk, w, *, lora_scales, dtype):
+  """The experts on x: its (token, expert) pairs sorted by expert, so that each expert's rows are
+  one contiguous group of one grouped matmul, then weighted and summed back per token."""
+  B, T, D = x_BTD.shape
+  k = experts_BTk.shape[-1]
+  E = w['linear'].shape[0]
+  experts_R = experts_BTk.reshape(-1)
+  order_R = jnp.argsort(experts_R, stable=True)
+  token_R = order_R // k
+  group_sizes_E = jnp.bincount(experts_R, length=E).astype(jnp.int32)
+
+  def ragged(name, x_RX):
+    """Each row times its expert's weight `name`, plus that expert's LoRA update if any."""
+    y_RY = jax.lax.ragged_dot(x_RX, w[name], group_sizes_E)
+    if name not in lora_scales:
+      return y_RY
+    xa_Rr = jax.lax.ragged_dot(x_RX, w[f'{name}_lora_a'], group_sizes_E)
+    update_RY = jax.lax.ragged_dot(xa_Rr, w[f'{name}_lora_b'], group_sizes_E)
+    return y_RY + update_RY * jnp.asarray(lora_scales[name], y_RY.dtype)
+
+  x_RD = x_BTD.reshape(B * T, D).astype(dtype)[token_R]
+  gate_up_RCF = ragged('gating_einsum', x_RD).reshape(B * T * k, 2, -1)
+  act_RF = jax.nn.gelu(gate_up_RCF[:, 0], approximate=True) * gate_up_RCF[:, 1]
+  y_RD = ragged('linear', act_RF)
+  y_RD = y_RD * weights_BTk.reshape(-1)[order_R][:, None].astype(y_RD.dtype)
+  y_MD = jnp.zeros((B * T, D), y_RD.dtype).at[token_R].add(y_RD)
+  return y_MD.reshape(B, T, D)

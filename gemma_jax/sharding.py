@@ -378,6 +378,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, _RULES.get()))
 
 
+def current_spec(axes: Sequence[str | None], shape: Sequence[int]) -> P | None:
+  """The PartitionSpec `constrain` would give an array with these logical axes and shape under
+  the current mesh and rules; None without a mesh. For code that splits work per shard
+  (`jax.shard_map`), such as the MoE dispatch."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  return logical_to_spec(axes, shape, mesh, _RULES.get())
+
+
 def shard_count(axis: str, dim: int) -> int:
   """Into how many shards `constrain` splits a dimension of size `dim` with logical axis `axis`
   under the current mesh and rules (1 without a mesh)."""

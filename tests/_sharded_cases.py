@@ -517,3 +517,27 @@ def test_moe_train_step_with_experts_sharded_equals_single_device():
   w = got['layers'][1]['moe']['gating_einsum'].get_value()  # (E, D, 2, F) = (8, 64, 2, 32)
   assert w.sharding.spec == P('fsdp', None, None, None)
   assert w.addressable_shards[0].data.shape == (2, 64, 2, 32)
+
+
+def test_moe_dispatch_sorts_only_its_batch_shards_rows():
+  """With the batch split 8 ways, each device sorts and dispatches its own B/8 x T x k rows (the
+  compiled program's only sort has 1 x 16 x 2 = 32 entries, not the global 256) and the result
+  equals the unsharded block."""
+  import re  # pylint: disable=g-import-not-at-top
+  from gemma_jax.moe import MoE  # pylint: disable=g-import-not-at-top
+  config = get_preset('tiny-gemma4-moe')
+  make = lambda: MoE(config, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+  mesh = sh.make_mesh({'fsdp': 8})
+  graphdef, state = nnx.split(sh.create_sharded_model(make, mesh))
+  x = jax.random.normal(jax.random.key(1), (8, 16, config.embed_dim))
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp'))))
+
+  def forward(state, x):
+    with sh.tracing_under(mesh):
+      return nnx.merge(graphdef, state)(x, x * 0.5)
+
+  compiled = jax.jit(forward).lower(state, x_sharded).compile()
+  sorts = re.findall(r'= \(s32\[(\d+)\]\{0\}, s32\[\d+\]\{0\}\) sort\(', compiled.as_text())
+  assert sorts == ['32'], sorts
+  reference = make()(x, x * 0.5)
+  np.testing.assert_allclose(compiled(state, x_sharded), reference, rtol=1e-5, atol=1e-6)
