@@ -8,7 +8,8 @@ Text streams to stdout as it is generated (several prompts run as one batch and 
 after another, each streaming once the ones before it are complete). --chat runs a multi-turn
 session in Gemma's chat format: each --prompt, then each line of stdin (a terminal or a pipe), is a
 user turn. Without --greedy or sampling flags, Gemma's recommended sampling is used
-(temperature 1.0, top_k 64, top_p 0.95). The tokenizer defaults to DIR/tokenizer.model.
+(temperature 1.0, top_k 64, top_p 0.95). The tokenizer defaults to DIR/tokenizer.model. One line
+on stderr gives the size of the KV cache the sampler allocates.
 """
 
 import json
@@ -72,6 +73,25 @@ def cache_length_for(prompt_lengths, max_new_tokens: int, max_seq_len: int) -> i
   return min(-(-(max(prompt_lengths) + max_new_tokens) // 128) * 128, max_seq_len)
 
 
+def _size(n: int) -> str:
+  """Bytes in binary units with one decimal: '135.1 KiB', '54.1 MiB', '1.2 GiB'."""
+  for power, unit in ((3, 'GiB'), (2, 'MiB'), (1, 'KiB')):
+    if n >= 1024 ** power:
+      return f'{n / 1024 ** power:.1f} {unit}'
+  return f'{n} B'
+
+
+def cache_summary(sampler, batch_size: int) -> str:
+  """One line on the KV cache `sampler` allocates for `batch_size` rows (printed to stderr)."""
+  c = sampler.model.config
+  line = (f'KV cache: {_size(sampler.cache_bytes(batch_size))} for batch {batch_size} x '
+          f'{sampler.cache_length} tokens')
+  if c.num_kv_shared_layers:
+    line += (f' ({c.num_kv_shared_layers} of {c.num_layers} layers share keys and values: '
+             'no cache)')
+  return line
+
+
 def _load(ckpt: str, tokenizer_path: str | None):
   from gemma_jax import checkpoint
   from gemma_jax.tokenizer import Tokenizer
@@ -102,6 +122,7 @@ def run_batch(model, tokenizer, prompts, sampling):
                      f'exceeds the model\'s max_seq_len ({model.config.max_seq_len}).')
   cache_length = cache_length_for(lengths, max_new, model.config.max_seq_len)
   sampler = Sampler(model, tokenizer, cache_length=cache_length)
+  print(cache_summary(sampler, len(prompts)), file=sys.stderr, flush=True)
   stream = sampler.sample(prompts, max_new, sampling=sampling, seed=_SEED.value, stream=True)
   shown, pending = 0, [''] * len(prompts)  # rows after `shown` wait in `pending`
 
@@ -134,8 +155,9 @@ def run_chat(model, tokenizer, first_turns, sampling):
   """Chat turns from --prompt, then stdin lines until EOF; returns one Completion per turn."""
   from gemma_jax.sampler import Sampler
   cache_length = min(model.config.max_seq_len, CHAT_CACHE_LENGTH)
-  session = Sampler(model, tokenizer, cache_length=cache_length).chat(sampling=sampling,
-                                                                       seed=_SEED.value)
+  sampler = Sampler(model, tokenizer, cache_length=cache_length)
+  print(cache_summary(sampler, 1), file=sys.stderr, flush=True)
+  session = sampler.chat(sampling=sampling, seed=_SEED.value)
   interactive = sys.stdin.isatty()
 
   def turns():

@@ -187,6 +187,14 @@ class Sampler:
     self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
     self._graphdef, self._params = nnx.split(model)
 
+  def cache_bytes(self, batch_size: int = 1) -> int:
+    """Bytes of the KV cache this sampler allocates for `batch_size` rows of `cache_length`
+    tokens: keys, values and slot positions of every layer that keeps a cache (Gemma 4's KV-shared
+    layers keep none). Read from the cache's shapes; nothing is allocated."""
+    shapes = jax.eval_shape(
+        lambda: self.model.init_cache(batch_size, self.cache_length, self.cache_dtype))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
   def encode(self, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of a prompt: text gets BOS prepended once; an id list is used as is."""
     if isinstance(prompt, str):

@@ -1,4 +1,5 @@
-"""sample.py end to end on a checkpoint converted from the real Gemma 3 270M GGUF."""
+"""sample.py end to end on a checkpoint converted from the real Gemma 3 270M GGUF (and on a tiny
+random Gemma 4 for the KV-cache line)."""
 
 import json
 import os
@@ -48,6 +49,10 @@ def test_greedy_output_json_equals_library_call(ckpt, tmp_path):
   assert [c['text'] for c in got] == [c.text for c in ref]
   for i, (prompt, c) in enumerate(zip(PROMPTS, ref)):  # streamed to stdout, in order
     assert f'[{i + 1}/2] {prompt}{c.text}' in proc.stdout
+  size = sampler.cache_bytes(2)  # the 270M shares no keys and values: no parenthesis
+  assert 2**20 <= size < 2**30
+  line = f'KV cache: {size / 2**20:.1f} MiB for batch 2 x {cache_length} tokens'
+  assert line in proc.stderr.splitlines(), proc.stderr
 
 
 def test_cache_length_stops_at_max_seq_len():
@@ -72,6 +77,27 @@ def test_chat_answers_two_piped_turns(ckpt, tmp_path):
   for turn, reply in zip(turns, replies):
     assert reply['tokens'] and reply['text'].strip()
     assert f'> {turn}\n{reply["text"]}\n' in proc.stdout
+
+
+def test_kv_cache_line_leaves_out_kv_shared_layers(tmp_path):
+  """On a tiny random Gemma 4 (its last 3 of 7 layers reuse earlier keys and values) sample.py
+  prints, on stderr, the bytes of the cache the Sampler allocates: only 4 layers' worth."""
+  from flax import nnx
+  from gemma_jax.config import get_preset
+  from gemma_jax.transformer import Transformer
+  tokenizer = _REPO / 'data' / 'quickstart_tokenizer.model'  # 128 pieces: as many rows
+  model = Transformer(get_preset('tiny-gemma4').replace(vocab_size=128), rngs=nnx.Rngs(0))
+  checkpoint.save_params(model, tmp_path / 'g4')
+  proc = _run('--ckpt', str(tmp_path / 'g4'), '--tokenizer', str(tokenizer), '--greedy',
+              '--max_new_tokens', '4', '--prompt', 'a b c', '--prompt', 'd')
+  assert proc.returncode == 0, proc.stderr
+  # float32; local layers: 8 slots x (2 x K 2 x H 16 x 4 bytes + 4 for the slot's position);
+  # the global layer: 128 slots x (2 x 1 x 32 x 4 + 4); the end index: 4.
+  size = 2 * (3 * 8 * (2 * 2 * 16 * 4 + 4) + 128 * (2 * 1 * 32 * 4 + 4)) + 4
+  assert size == Sampler(model, cache_length=128).cache_bytes(2)
+  line = (f'KV cache: {size / 1024:.1f} KiB for batch 2 x 128 tokens (3 of 7 layers share keys '
+          'and values: no cache)')
+  assert line in proc.stderr.splitlines(), proc.stderr
 
 
 def _assert_one_line_error(proc, pattern):

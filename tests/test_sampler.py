@@ -1,5 +1,6 @@
 """Sampler: logits equal a full forward at every step, parity with transformers' greedy generate
-(sliding-window test models and the real Gemma 3 270M), sampling rules, stops, chat, streaming."""
+(sliding-window test models of Gemma 2, 3 and 4, and the real Gemma 3 270M), the KV cache's size,
+sampling rules, stops, chat, streaming."""
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +11,15 @@ import transformers
 from flax import nnx
 
 from gemma_jax import sampler as sampler_lib
-from gemma_jax.config import get_preset
+from gemma_jax.config import AttentionType, get_preset
 from gemma_jax.convert import load_hf
 from gemma_jax.sampler import GREEDY, Sampler, SamplingParams
 from gemma_jax.transformer import Transformer
 from conftest import REAL_NEW, REAL_PROMPTS  # the shared `real` fixture's batch
-from hf_models import FAMILIES, NORM_STD
+from hf_models import FAMILIES, NORM_STD, make_hf_model
 from test_sampling import renormalised
 
-# Prompts of different lengths (token ids); the longest is longer than the window (8).
+# Prompts of different lengths (token ids); the longest is longer than the windows (4 or 8).
 PROMPTS = [[2, 17, 33, 91, 5], [2, 8], [2] + list(range(40, 60)),
            [2, 77, 78, 79, 80, 81, 82, 83, 84]]
 NEW = 40  # > 4 windows: the local layers' ring buffers wrap several times
@@ -28,15 +29,22 @@ def _rel_err(ours, ref):
   return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
+_forward = nnx.jit(lambda model, tokens_BT: model(tokens_BT)[0])
+
+
 def _full_logits(model, ids):
-  logits, _ = model(jnp.asarray([ids], jnp.int32))
-  return np.asarray(logits[0])
+  """Logits [T, V] of one uncached (jitted) forward over `ids`, right-padded to a multiple of 64
+  so that few lengths compile: causal attention lets no padding change an earlier logit."""
+  padded = list(ids) + [0] * (-len(ids) % 64)
+  return np.asarray(_forward(model, jnp.asarray([padded], jnp.int32))[0, :len(ids)])
+
+
+TINY = ['tiny-gemma1', 'tiny-gemma2', 'tiny-gemma3', 'tiny-gemma4', 'tiny-gemma4-moe']
 
 
 @pytest.fixture(scope='module')
 def tiny_models():
-  return {name: Transformer(get_preset(name), rngs=nnx.Rngs(0))
-          for name in ['tiny-gemma1', 'tiny-gemma2', 'tiny-gemma3']}
+  return {name: Transformer(get_preset(name), rngs=nnx.Rngs(0)) for name in TINY}
 
 
 def _hf_window8(family):
@@ -55,15 +63,21 @@ def _hf_window8(family):
   return model
 
 
-@pytest.fixture(scope='module', params=['gemma2', 'gemma3'])
+@pytest.fixture(scope='module', params=['gemma2', 'gemma3', 'gemma4-ple', 'gemma4-moe'])
 def hf_pair(request, tmp_path_factory):
-  hf = _hf_window8(request.param)
+  """(family, transformers model, ours on the same weights). Gemma 4: the window-4 test models
+  (per-layer inputs and KV sharing; experts), whose norms multiply by their (random) scales."""
+  if request.param.startswith('gemma4'):
+    hf = make_hf_model(request.param)
+    hf.generation_config.eos_token_id = None
+  else:
+    hf = _hf_window8(request.param)
   path = tmp_path_factory.mktemp(request.param)
   hf.save_pretrained(path)
   return request.param, hf, load_hf(path)
 
 
-@pytest.mark.parametrize('name', ['tiny-gemma1', 'tiny-gemma2', 'tiny-gemma3'])
+@pytest.mark.parametrize('name', TINY)
 def test_decode_logits_equal_full_forward(tiny_models, name):
   model = tiny_models[name]
   s = Sampler(model, cache_length=64)
@@ -76,9 +90,9 @@ def test_decode_logits_equal_full_forward(tiny_models, name):
 
 
 def test_sliding_window_greedy_equals_transformers(hf_pair):
-  """Window-8 models, a batch of left-padded prompts, 48 greedy tokens (the rings wrap 6 times):
-  every row equals transformers' greedy generate run alone, and the logits behind each token equal
-  a full forward over the same tokens."""
+  """Window-8 (Gemma 2/3) and window-4 (Gemma 4) models, a batch of left-padded prompts, 48
+  greedy tokens (the rings wrap 6 to 12 times): every row equals transformers' greedy generate
+  run alone, and the logits behind each token equal a full forward over the same tokens."""
   family, hf, model = hf_pair
   out = Sampler(model, cache_length=96).sample(PROMPTS, 48, return_logits=True)
   for ids, c in zip(PROMPTS, out):
@@ -88,6 +102,40 @@ def test_sliding_window_greedy_equals_transformers(hf_pair):
     full = _full_logits(model, ids + c.tokens)[len(ids) - 1:-1]
     assert _rel_err(c.logits, full) <= 1e-5, family
   assert len({t for c in out for t in c.tokens}) > 20  # not a degenerate repetition
+
+
+def _expected_cache_bytes(config, batch_size, cache_length, itemsize):
+  """From the config's fields alone: every layer but the last num_kv_shared_layers keeps k and v
+  [B, S, K, H] and int32 slot positions [B, S] (S: the window on local layers, at most the
+  cache), plus the int32 end index."""
+  total = 4
+  for kind in config.attention_types[:config.num_layers - config.num_kv_shared_layers]:
+    if kind == AttentionType.LOCAL:
+      S, K, H = min(config.sliding_window, cache_length), config.num_kv_heads, config.head_dim
+    else:
+      S, K = cache_length, config.num_global_kv_heads or config.num_kv_heads
+      H = config.global_head_dim or config.head_dim
+    total += batch_size * S * (2 * K * H * itemsize + 4)
+  return total
+
+
+def test_cache_bytes_leave_out_kv_shared_layers():
+  """Sampler.cache_bytes (abstract: nothing allocated) counts only the layers that keep keys and
+  values, equals what init_cache really allocates, and tiny-gemma4's 3 KV-shared layers (one
+  local, two global) make its cache smaller than the same model's without sharing."""
+  config = get_preset('tiny-gemma4')
+  assert config.num_kv_shared_layers == 3
+  measured = {}
+  for cfg in (config, config.replace(num_kv_shared_layers=0)):
+    model = nnx.eval_shape(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0)))
+    for cache_length, dtype in [(64, jnp.float32), (64, jnp.bfloat16), (6, jnp.bfloat16)]:
+      got = Sampler(model, cache_length=cache_length, cache_dtype=dtype).cache_bytes(3)
+      assert got == _expected_cache_bytes(cfg, 3, cache_length, jnp.dtype(dtype).itemsize)
+      allocated = model.init_cache(3, cache_length, dtype)
+      assert got == sum(x.nbytes for x in jax.tree.leaves(allocated))
+      measured[cfg.num_kv_shared_layers, cache_length, dtype] = got
+  for cache_length, dtype in [(64, jnp.float32), (64, jnp.bfloat16), (6, jnp.bfloat16)]:
+    assert measured[3, cache_length, dtype] < measured[0, cache_length, dtype]
 
 
 def test_top_k_1_equals_greedy(tiny_models):
