@@ -80,8 +80,9 @@ def accumulate_gradients(grad_fn: Callable[[Any, Any], tuple[Any, Any]], params:
   per data replica (a leading [data] dimension sharded over 'data': one param-sized shard per
   device) and the replicas are summed once after the loop: one data-axis all-reduce per step, not
   one per micro-batch. (FSDP's reduce-scatter still runs per micro-batch: it is what keeps the
-  gradient sharded.) Returns (aux summed, grads summed and sharded like `params`). Without a
-  mesh it is a plain loop over micro-batches.
+  gradient sharded.) A `grad_fn` that cannot be vmapped (the MoE experts' `jax.lax.ragged_dot`)
+  sums its replicas' gradients in every micro-batch instead. Returns (aux summed, grads summed
+  and sharded like `params`). Without a mesh it is a plain loop over micro-batches.
   """
   rules = as_rules(rules)
   k = num_micro_batches
@@ -94,13 +95,33 @@ def accumulate_gradients(grad_fn: Callable[[Any, Any], tuple[Any, Any]], params:
     raise ValueError(f'accumulate_gradients: batch of {rows} rows does not split into '
                      f'{k} micro-batches x {n} data replicas.')
 
-  def split(x):  # [B, ...] -> [k, n, B / (n k), ...] without moving rows between devices
-    return jnp.moveaxis(x.reshape(n, rows // (n * k), k, *x.shape[1:]), 2, 0)
+  def plan(n):
+    """(micro-batches [k, n, B / (n k), ...], rules inside the loop, gradient per replica)."""
+    # Split without moving rows between devices.
+    micro = jax.tree.map(
+        lambda x: jnp.moveaxis(x.reshape(n, rows // (n * k), k, *x.shape[1:]), 2, 0), dict(batch))
+    if n == 1:  # no vmap, the same shapes
+      def one(p, micro_batch):
+        return jax.tree.map(lambda x: x[None], grad_fn(p, jax.tree.map(lambda x: x[0],
+                                                                       micro_batch)))
+      return micro, rules, one
+    # Inside the vmap, 'data' is taken by the replica axis.
+    inner = dataclasses.replace(rules, batch=tuple(a for a in rules.batch if a != 'data'))
+    return micro, inner, jax.vmap(grad_fn, in_axes=(None, 0), spmd_axis_name='data')
 
-  micro = jax.tree.map(split, dict(batch))
-  if n > 1:  # inside the vmap, 'data' is taken by the replica axis
-    rules = dataclasses.replace(rules, batch=tuple(a for a in rules.batch if a != 'data'))
-  per_replica = jax.vmap(grad_fn, in_axes=(None, 0), spmd_axis_name='data' if n > 1 else None)
+  micro, loop_rules, per_replica = plan(n)
+  try:
+    with use_rules(loop_rules):
+      abstract = jax.eval_shape(per_replica, params, jax.tree.map(lambda x: x[0], micro))
+  except NotImplementedError:
+    if n == 1:
+      raise
+    # jax.lax.ragged_dot (the MoE experts) has no batching rule for unbatched weights (JAX 0.10):
+    # sum the replicas' gradients in each micro-batch instead (one data all-reduce per micro-batch).
+    n = 1
+    micro, loop_rules, per_replica = plan(n)
+    with use_rules(loop_rules):
+      abstract = jax.eval_shape(per_replica, params, jax.tree.map(lambda x: x[0], micro))
 
   def sharded(tree, replica_axis):
     if mesh is None:
@@ -113,8 +134,7 @@ def accumulate_gradients(grad_fn: Callable[[Any, Any], tuple[Any, Any]], params:
     grads = sharded(grads, ['data' if n > 1 else None])
     return jax.tree.map(jnp.add, acc, (aux, grads)), None
 
-  with use_rules(rules):  # what constrain() inside the model sees while the loop is traced
-    abstract = jax.eval_shape(per_replica, params, jax.tree.map(lambda x: x[0], micro))
+  with use_rules(loop_rules):  # what constrain() inside the model sees while the loop is traced
     # Sums in float32 at least (bfloat16 gradients would lose the small micro-batch terms).
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)),
                          abstract)

@@ -485,8 +485,9 @@ def test_moe_train_step_with_experts_sharded_equals_single_device():
   tx = optax.adamw(lr, b1=b1, weight_decay=0.1)
   batch = make_batch(0)
 
-  def run(mesh):
-    step = trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(lr), mesh=mesh)
+  def run(mesh, accum=1):
+    step = trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(lr), mesh=mesh,
+                                   grad_accum_steps=accum)
     # A copy: device_put may place a replicated leaf in the very buffer it was given on CPU, and
     # the step donates its state.
     state = train_state.init_state(jax.tree.map(jnp.copy, params), tx, 0)
@@ -517,6 +518,11 @@ def test_moe_train_step_with_experts_sharded_equals_single_device():
   w = got['layers'][1]['moe']['gating_einsum'].get_value()  # (E, D, 2, F) = (8, 64, 2, 32)
   assert w.sharding.spec == P('fsdp', None, None, None)
   assert w.addressable_shards[0].data.shape == (2, 64, 2, 32)
+  # Two micro-batches on data=2: the experts' ragged_dot cannot be vmapped over data replicas,
+  # so accumulation sums the replicas per micro-batch (distributed.accumulate_gradients).
+  loss, norm, grads, _ = run(mesh, accum=2)
+  np.testing.assert_allclose([loss, norm], [want_loss, want_norm], rtol=1e-5)
+  assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-6)
 
 
 def test_moe_dispatch_sorts_only_its_batch_shards_rows():

@@ -183,7 +183,7 @@ def test_accumulation_equals_one_large_batch(tok):
   _assert_trees_close(u1, u4, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('name', ['tiny-gemma1', 'tiny-gemma2'])  # gemma2: final soft-cap
+@pytest.mark.parametrize('name', ['tiny-gemma1', 'tiny-gemma2', 'tiny-gemma4-moe'])  # soft-caps
 def test_head_fused_loss_chunks_give_the_same_step(tok, name):
   """loss_chunk = 8 (seq 32: four chunks) and 24 (a padded tail), with and without accumulation:
   the same loss, accuracy, grad norm and AdamW update as the unfused loss."""
