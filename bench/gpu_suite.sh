@@ -8,6 +8,13 @@
 #   chunk      the same with the head-fused loss (loss_chunk 512) at batch 8 and 16 (ours)
 #   train7b    gemma1-7b on one card: XLA's memory plan, then remat=full, bf16 params and AdamW
 #              state, head-fused loss, batch 2 (ours; about 4 minutes)
+#   gemma4     Gemma 4 26B-A4B shapes, 6 of its 30 layers (one whole period: 5 local, 1 global;
+#              5.6 B params, 1.36 B active per token): train_bench at 4 x 2048, bf16 params and
+#              AdamW, both sides (estimated peak ~85 GB ours, ~100 GB transformers), then
+#              sample_bench's MoE decode on the same shapes, batch 1 and 16 (about 7 minutes,
+#              at most 11).
+#              GEMMA4_TRAIN / GEMMA4_SAMPLE replace the shape flags (e.g. on an 80 GB card:
+#              GEMMA4_TRAIN="--preset gemma4-26b-a4b --layers 4 --seq 2048 --batch 2").
 # Packages missing on a bare GPU image (ml_collections, grain, ...) can be put as wheels in .whl/.
 set -u
 export PYTHONUNBUFFERED=1
@@ -56,4 +63,17 @@ if want train7b; then
   timeout 200 $PY bench/train_bench.py --preset gemma1-7b --batch 2 --remat full \
     --param_dtype bfloat16 --loss_chunk 512 --sides ours --steps 3 --warmup 1 --timeout 190 \
     --json "$OUTDIR/train_7b.json" 2>&1 | tee "$OUTDIR/train_7b.log"
+fi
+
+if want gemma4; then
+  G4_TRAIN=${GEMMA4_TRAIN:-"--preset gemma4-26b-a4b --layers 6 --seq 2048 --batch 4"}
+  G4_SAMPLE=${GEMMA4_SAMPLE:-"--preset gemma4-26b-a4b --layers 6"}
+  echo "== gemma4 training: $G4_TRAIN =="
+  # shellcheck disable=SC2086  # the shape flags are meant to split
+  timeout 420 $PY bench/train_bench.py $G4_TRAIN --steps 4 --warmup 2 --timeout 200 \
+    --json "$OUTDIR/train_gemma4.json" 2>&1 | tee "$OUTDIR/train_gemma4.log"
+  echo "== gemma4 decoding: $G4_SAMPLE =="
+  # shellcheck disable=SC2086
+  timeout 230 $PY bench/sample_bench.py --gpu $G4_SAMPLE --budget_s 170 --repeats 1 2>&1 \
+    | tee "$OUTDIR/sample_gemma4.log"
 fi

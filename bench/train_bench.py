@@ -3,24 +3,33 @@ r"""Training-step throughput and MFU: our jitted train step next to transformers
   python bench/train_bench.py                         # GPU: gemma1-2b, seq 2048, bf16, batch 8
   python bench/train_bench.py --preset=tiny-gemma1 --seq=64 --batch=2 --steps=3   # CPU smoke test
   python bench/train_bench.py --batch=8,16 --loss_chunk=512 --sides=ours   # head-fused loss
+  python bench/train_bench.py --preset=gemma4-26b-a4b --layers=6 --batch=4  # 26B-A4B-shaped layers
+  python bench/train_bench.py --check_flops   # the FLOP count against the Gemma 1-3 formula and HF
 
 Both sides train the same architecture from random weights on random tokens (every token a
 target), one AdamW step per iteration (weight decay 0.01, clipping at 1.0), and report the median
 of --steps timed steps after --warmup untimed ones. Each (side, batch size) runs in its own
 subprocess, so an out-of-memory failure of one is reported in the table and the others still run.
 
-FLOPs per token = 6 x (matmul parameters, including the tied output head) + 6 x L x N x H x T
-(causal attention, forward and backward); MFU = tokens/s x FLOPs per token / --peak_tflops
+FLOPs per token = 6 x (active matmul parameters) + sum over layers of 6 x N x H_layer x T (causal
+attention, forward and backward; every layer counted over the whole causal context, sliding
+window or not). Matmul parameters are read from the model itself (abstract, `nnx.eval_shape`):
+every weight of 2 or more dimensions (the tied embedding counted once, as the output head) except
+Gemma 4's per-layer input table (a lookup); MoE expert weights count top_k / num_experts of their
+size (the experts a token is routed to). MFU = tokens/s x FLOPs per token / --peak_tflops
 (989: an H100/H200's dense bf16 peak). Ours: --param_dtype bfloat16 (default, "pure bf16" like
 the transformers side, whose parameters and AdamW moments are bf16) or float32 (master weights
 with bf16 compute, what configs/*_sft.py train with). transformers: eager model with its
-default (SDPA) attention, `torch.optim.AdamW(fused=True)` on GPU.
+default (SDPA) attention (and, for MoE, its default experts implementation),
+`torch.optim.AdamW(fused=True)` on GPU. --layers N keeps a preset's shapes but only N layers
+(its local/global period kept; Gemma 4's last layer global), on both sides.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -31,15 +40,104 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def matmul_params(mc) -> int:
-  """Parameters that enter a matmul: embedding (= tied head), q/k/v/o and the three MLP mats."""
-  D, F, N, K, H, L = (mc.embed_dim, mc.hidden_dim, mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                      mc.num_layers)
-  return mc.vocab_size * D + L * (D * N * H * 2 + 2 * D * K * H + 3 * D * F)
+# Matmul weights that are looked up, not multiplied: Gemma 4's per-layer input table.
+LOOKUP_WEIGHTS = ('embedder.per_layer_input_embedding',)
+# MoE expert weights: each token uses top_k of the num_experts slices.
+EXPERT_WEIGHTS = ('moe.gating_einsum', 'moe.linear')
+
+
+def bench_model_config(preset: str, layers: int = 0):
+  """The preset's ModelConfig, or with `layers` > 0 the same shapes with only that many layers:
+  the preset's local/global period kept (Gemma 4: `gemma4_pattern`, the last layer global) and
+  Gemma 4's KV-shared layers scaled to the same fraction of the layers."""
+  from gemma_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  mc = config_lib.get_preset(preset)
+  if not layers or layers == mc.num_layers:
+    return mc
+  if mc.family < 4:
+    types = config_lib.layer_pattern(layers, config_lib.PATTERN_PERIOD[mc.family])
+  else:
+    types = config_lib.gemma4_pattern(layers, gemma4_period(mc))
+  shared = mc.num_kv_shared_layers * layers // mc.num_layers
+  try:
+    return mc.replace(num_layers=layers, attention_types=types, num_kv_shared_layers=shared)
+  except ValueError as e:
+    raise SystemExit(f'--layers={layers} with --preset={preset}: {e}') from None
+
+
+def gemma4_period(mc) -> int:
+  """The local/global period of a Gemma 4 config (built by `gemma4_pattern`): the position of its
+  first global layer, or all its layers when only the forced last one is global."""
+  from gemma_jax.config import AttentionType  # pylint: disable=g-import-not-at-top
+  return mc.attention_types.index(AttentionType.GLOBAL) + 1
+
+
+def matmul_params(mc) -> float:
+  """Active parameters that enter a matmul per token (see the module docstring), read from the
+  abstract model: a fraction where experts are involved."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gemma_jax.transformer import Transformer, flat_params  # pylint: disable=g-import-not-at-top
+  model = nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(0)))
+  total = 0.0
+  for name, w in flat_params(model).items():
+    if len(w.shape) < 2 or name in LOOKUP_WEIGHTS:
+      continue
+    size = float(math.prod(w.shape))
+    if name.endswith(EXPERT_WEIGHTS):
+      size *= mc.num_experts_per_token / mc.num_experts
+    total += size
+  return total
+
+
+def attention_flops_per_token(mc, seq: int) -> float:
+  """Causal attention, forward and backward: 6 x N x H x T per layer, each layer with its own H
+  (Gemma 4's global layers: `global_head_dim`)."""
+  return sum(6.0 * mc.num_heads * mc.layer_head_dim(t) * seq for t in mc.attention_types)
 
 
 def flops_per_token(mc, seq: int) -> float:
-  return 6.0 * matmul_params(mc) + 6.0 * mc.num_layers * mc.num_heads * mc.head_dim * seq
+  return 6.0 * matmul_params(mc) + attention_flops_per_token(mc, seq)
+
+
+def _hf_matmul_params(mc) -> float:
+  """The same count from transformers' model of `mc` (meta device: nothing allocated), by its
+  own names: an independent reading of the architecture for `--check_flops`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from gemma_jax.convert.hf import hf_config_from_config  # pylint: disable=g-import-not-at-top
+  with torch.device('meta'):
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**hf_config_from_config(mc)))
+  total = 0.0
+  for name, p in model.named_parameters():  # the tied head appears once
+    if p.ndim < 2 or name.endswith('embed_tokens_per_layer.weight'):
+      continue
+    scale = (mc.num_experts_per_token / mc.num_experts
+             if name.endswith(('experts.gate_up_proj', 'experts.down_proj')) else 1.0)
+    total += p.numel() * scale
+  return total
+
+
+def check_flops() -> None:
+  """Asserts the model-derived count: equal to the Gemma 1-3 closed form (the formula this bench
+  used before Gemma 4) for every Gemma 1-3 preset, and to transformers' parameters for Gemma 4."""
+  from gemma_jax.config import PRESETS  # pylint: disable=g-import-not-at-top
+  for name, mc in PRESETS.items():
+    if mc.family < 4:
+      D, F, N, K, H, L = (mc.embed_dim, mc.hidden_dim, mc.num_heads, mc.num_kv_heads,
+                          mc.head_dim, mc.num_layers)
+      closed = mc.vocab_size * D + L * (D * N * H * 2 + 2 * D * K * H + 3 * D * F)
+      assert matmul_params(mc) == closed, (name, matmul_params(mc), closed)
+      assert attention_flops_per_token(mc, 2048) == 6.0 * L * N * H * 2048, name
+      print(f'{name}: {closed / 1e9:.4f} B matmul params, the Gemma 1-3 formula')
+  for name, layers in (('tiny-gemma4', 0), ('tiny-gemma4-moe', 0), ('gemma4-e2b', 0),
+                       ('gemma4-26b-a4b', 0), ('gemma4-26b-a4b', 6), ('gemma4-31b', 0)):
+    mc = bench_model_config(name, layers)
+    ours, hf = matmul_params(mc), _hf_matmul_params(mc)
+    assert abs(ours - hf) <= 1e-9 * hf, (name, mc.num_layers, ours, hf)
+    print(f'{name} ({mc.num_layers} layers): {ours / 1e9:.4f} B active matmul params, as '
+          f'transformers; {flops_per_token(mc, 2048) / 1e9:.3f} GFLOP/token at T=2048')
+  print('check_flops: OK')
 
 
 def _batch(vocab: int, batch: int, seq: int, seed: int = 0):
@@ -56,10 +154,10 @@ def run_ours(args) -> dict:
   """Times gemma_jax's train step: the trainer's own train state (train_state.create_train_state)
   and step (trainer.make_train_step, jitted with shardings, donated)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from gemma_jax import distributed, sharding, train_config, train_state, trainer  # pylint: disable=g-import-not-at-top
+  from gemma_jax import distributed, sharding, train_state, trainer  # pylint: disable=g-import-not-at-top
 
   config = bench_config(args)
-  mc = train_config.model_config(config)
+  mc = bench_model_config(args.preset, args.layers)
   mesh = sharding.make_mesh({'fsdp': -1})
   plan = train_state.plan_train_state(mc, config, mesh)
   state = train_state.create_train_state(plan, mc, config)
@@ -96,10 +194,9 @@ def run_transformers(args) -> dict:
   """Times a transformers model of the same shapes: forward, loss, backward, AdamW step."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from gemma_jax.config import get_preset  # pylint: disable=g-import-not-at-top
   from gemma_jax.convert.hf import hf_config_from_config  # pylint: disable=g-import-not-at-top
 
-  mc = get_preset(args.preset)
+  mc = bench_model_config(args.preset, args.layers)
   cuda = torch.cuda.is_available()
   device = 'cuda' if cuda else 'cpu'
   dtype = {'bfloat16': torch.bfloat16, 'float32': torch.float32}[args.param_dtype]
@@ -128,7 +225,8 @@ def run_transformers(args) -> dict:
     if i >= args.warmup:
       times.append(time.perf_counter() - t)
   peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0
-  return {'step_s': statistics.median(times), 'loss': value, 'peak_gb': peak}
+  return {'step_s': statistics.median(times), 'loss': value, 'peak_gb': peak,
+          'experts': getattr(model.config, '_experts_implementation', None)}
 
 
 def _child(args) -> None:
@@ -144,6 +242,8 @@ def _child(args) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--preset', default='gemma1-2b')
+  parser.add_argument('--layers', type=int, default=0,
+                      help="only this many of the preset's layers (0 = all), both sides")
   parser.add_argument('--seq', type=int, default=2048)
   parser.add_argument('--batch', default='8', help='comma-separated batch sizes, e.g. 4,8')
   parser.add_argument('--dtype', default='bfloat16', help='our compute dtype')
@@ -157,23 +257,27 @@ def main() -> None:
   parser.add_argument('--peak_tflops', type=float, default=989.0)
   parser.add_argument('--timeout', type=int, default=900, help='seconds per (side, batch) run')
   parser.add_argument('--json', default='', help='also write the rows to this file')
+  parser.add_argument('--check_flops', action='store_true',
+                      help='check the FLOP count (Gemma 1-3 formula, transformers) and exit')
   parser.add_argument('--side', default='', help=argparse.SUPPRESS)  # internal: one child run
   args = parser.parse_args()
+  if args.check_flops:
+    check_flops()
+    return
   if args.side:
     args.batch = int(args.batch)
     _child(args)
     return
 
-  from gemma_jax.config import get_preset  # pylint: disable=g-import-not-at-top
-  mc = get_preset(args.preset)
+  mc = bench_model_config(args.preset, args.layers)
   fpt = flops_per_token(mc, args.seq)
   rows = []
   for batch in [int(b) for b in args.batch.split(',')]:
     for side in args.sides.split(','):
       cmd = [sys.executable, os.path.abspath(__file__), f'--side={side}', f'--batch={batch}'] + [
           f'--{k}={v}' for k, v in vars(args).items()
-          if k in ('preset', 'seq', 'dtype', 'param_dtype', 'remat', 'loss_chunk', 'steps',
-                   'warmup')]
+          if k in ('preset', 'layers', 'seq', 'dtype', 'param_dtype', 'remat', 'loss_chunk',
+                   'steps', 'warmup')]
       env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
           'XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95'))
       try:
@@ -192,9 +296,14 @@ def main() -> None:
       print(json.dumps(row), flush=True)
 
   import platform  # pylint: disable=g-import-not-at-top
-  print(f'\n{args.preset}, seq {args.seq}, params {args.param_dtype}, our compute {args.dtype}, '
-        f'our remat {args.remat}, our loss_chunk {args.loss_chunk}; {fpt / 1e9:.3g} GFLOP/token; MFU of {args.peak_tflops:g} '
-        f'TFLOP/s; median of {args.steps} steps after {args.warmup}; host {platform.node()}')
+  layers = f' ({mc.num_layers} layers)' if args.layers else ''
+  experts = [r['experts'] for r in rows if r.get('experts')] if mc.num_experts else []
+  experts = f'; transformers experts {experts[0]!r}' if experts else ''
+  print(f'\n{args.preset}{layers}, seq {args.seq}, params {args.param_dtype}, our compute '
+        f'{args.dtype}, our remat {args.remat}, our loss_chunk {args.loss_chunk}; '
+        f'{fpt / 1e9:.3g} GFLOP/token ({matmul_params(mc) / 1e9:.3g} B active matmul params)'
+        f'{experts}; MFU of {args.peak_tflops:g} TFLOP/s; median of {args.steps} steps after '
+        f'{args.warmup}; host {platform.node()}')
   print('| side | batch | step (s) | tokens/s | TFLOP/s | MFU | peak mem (GB) | loss |')
   print('|---|---|---|---|---|---|---|---|')
   for r in rows:
