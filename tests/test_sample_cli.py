@@ -80,8 +80,8 @@ def test_chat_answers_two_piped_turns(ckpt, tmp_path):
 
 
 def test_kv_cache_line_leaves_out_kv_shared_layers(tmp_path):
-  """On a tiny random Gemma 4 (its last 3 of 7 layers reuse earlier keys and values) sample.py
-  prints, on stderr, the bytes of the cache the Sampler allocates: only 4 layers' worth."""
+  """On a tiny random Gemma 4 (its last 2 of 5 layers reuse earlier keys and values) sample.py
+  prints, on stderr, the bytes of the cache the Sampler allocates: only 3 layers' worth."""
   from flax import nnx
   from gemma_jax.config import get_preset
   from gemma_jax.transformer import Transformer
@@ -93,9 +93,9 @@ def test_kv_cache_line_leaves_out_kv_shared_layers(tmp_path):
   assert proc.returncode == 0, proc.stderr
   # float32; local layers: 8 slots x (2 x K 2 x H 16 x 4 bytes + 4 for the slot's position);
   # the global layer: 128 slots x (2 x 1 x 32 x 4 + 4); the end index: 4.
-  size = 2 * (3 * 8 * (2 * 2 * 16 * 4 + 4) + 128 * (2 * 1 * 32 * 4 + 4)) + 4
+  size = 2 * (2 * 8 * (2 * 2 * 16 * 4 + 4) + 128 * (2 * 1 * 32 * 4 + 4)) + 4
   assert size == Sampler(model, cache_length=128).cache_bytes(2)
-  line = (f'KV cache: {size / 1024:.1f} KiB for batch 2 x 128 tokens (3 of 7 layers share keys '
+  line = (f'KV cache: {size / 1024:.1f} KiB for batch 2 x 128 tokens (2 of 5 layers share keys '
           'and values: no cache)')
   assert line in proc.stderr.splitlines(), proc.stderr
 
