@@ -237,7 +237,8 @@ def run_cpu(args):
 BENCH_PRESETS = {'bench-gemma4-moe': dict(
     base='tiny-gemma4-moe', embed_dim=256, hidden_dim=512, num_heads=4, head_dim=64,
     num_kv_heads=2, global_head_dim=128, num_global_kv_heads=1, num_experts=16,
-    num_experts_per_token=2, expert_hidden_dim=256, vocab_size=4096, sliding_window=32)}
+    num_experts_per_token=2, expert_hidden_dim=256, vocab_size=4096, sliding_window=32,
+    num_layers=4)}
 
 
 def random_config(preset, layers=0):
@@ -247,6 +248,8 @@ def random_config(preset, layers=0):
   from train_bench import bench_model_config  # bench/: the same --layers rule
   if preset in BENCH_PRESETS:
     fields = dict(BENCH_PRESETS[preset])
+    from gemma_jax.config import gemma4_pattern
+    fields['attention_types'] = gemma4_pattern(fields['num_layers'], 2)
     mc = get_preset(fields.pop('base')).replace(name=preset, **fields)
     if layers:
       raise SystemExit(f'--layers applies to gemma_jax presets, not to {preset!r}.')

@@ -9,7 +9,9 @@ Dispatch: the M x k (token, expert) pairs are sorted by expert into R rows and e
 contiguous group goes through one grouped matmul (`jax.lax.ragged_dot`), so compute follows
 M x k, not M x E; the weighted rows are then summed back per token. XLA lowers `ragged_dot`
 natively on GPU and TPU; its CPU lowering computes every group densely (correct, E times the
-work), which is why tests/test_moe.py counts FLOPs in the GPU lowering.
+work), which is why tests/test_moe.py counts FLOPs in the GPU lowering. With few rows (decoding:
+at most FEW_ROWS, and fewer than E) each row's expert weights are gathered instead, so a step reads
+only the experts it uses.
 
 Expert weights carry the logical axis 'expert' (gemma_jax.sharding maps it to 'fsdp': each device
 stores E / fsdp experts, gathered for use like every FSDP weight), and each batch shard dispatches
@@ -28,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from gemma_jax import sharding
 
 from gemma_jax.config import ModelConfig
-from gemma_jax.layers import Einsum, RMSNorm, einsum_param
+from gemma_jax.layers import FEW_ROWS, Einsum, RMSNorm, einsum_param
 
 
 class MoE(nnx.Module):
@@ -120,13 +122,22 @@ def _dispatch(x_BTD, weights_BTk, experts_BTk, w, *, lora_scales, dtype):
   token_R = order_R // k
   group_sizes_E = jnp.bincount(experts_R, length=E).astype(jnp.int32)
 
+  # Few rows (decoding) and fewer than the experts: gather each row's expert weights, so a step
+  # reads R experts' weights rather than all E (XLA's CPU ragged_dot computes every group).
+  gather = B * T * k <= FEW_ROWS and B * T * k < E
+  sorted_experts_R = experts_R[order_R]
+
+  def matmul(x_RX, w_EXY):
+    if gather:
+      return jnp.einsum('RX,RXY->RY', x_RX, w_EXY[sorted_experts_R])
+    return jax.lax.ragged_dot(x_RX, w_EXY, group_sizes_E)
+
   def ragged(name, x_RX):
     """Each row times its expert's weight `name`, plus that expert's LoRA update if any."""
-    y_RY = jax.lax.ragged_dot(x_RX, w[name], group_sizes_E)
+    y_RY = matmul(x_RX, w[name])
     if name not in lora_scales:
       return y_RY
-    xa_Rr = jax.lax.ragged_dot(x_RX, w[f'{name}_lora_a'], group_sizes_E)
-    update_RY = jax.lax.ragged_dot(xa_Rr, w[f'{name}_lora_b'], group_sizes_E)
+    update_RY = matmul(matmul(x_RX, w[f'{name}_lora_a']), w[f'{name}_lora_b'])
     return y_RY + update_RY * jnp.asarray(lora_scales[name], y_RY.dtype)
 
   x_RD = x_BTD.reshape(B * T, D).astype(dtype)[token_R]

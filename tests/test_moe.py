@@ -251,3 +251,23 @@ def test_one_adamw_step_of_a_moe_model_matches_transformers_and_torch(tmp_path):
   # update by up to lr, so a few such elements may differ; all others agree to 2e-6.
   diff = np.concatenate([np.abs(v - theirs[k]).ravel() for k, v in ours.items()])
   assert diff.max() <= 2e-3 and np.mean(diff > 2e-6) < 1e-3, (diff.max(), np.mean(diff > 2e-6))
+
+
+def test_few_rows_gather_their_experts_and_equal_the_grouped_matmul(monkeypatch):
+  """Decoding (B*T*k <= FEW_ROWS rows, fewer than E) gathers each row's expert weights instead of
+  a ragged_dot over all E experts; with LoRA adapters on the experts too, it equals the grouped
+  matmul."""
+  from gemma_jax import lora, moe as moe_lib  # pylint: disable=g-import-not-at-top
+  config = get_preset('tiny-gemma4-moe').replace(num_experts=16, num_experts_per_token=2)
+  block = moe_lib.MoE(config, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+  lora.add_lora(block, 2, 4.0, targets='gating_einsum|linear')
+  for name in ('gating_einsum', 'linear'):
+    b = getattr(block, f'{name}_lora_b')
+    b.set_value(jax.random.normal(jax.random.key(3), b.shape) * 0.5)
+  x_BTD = jax.random.normal(jax.random.key(1), (2, 2, config.embed_dim))  # 8 rows < 16 experts
+  forward = lambda: jax.make_jaxpr(lambda x: block(x, x * 0.5))(x_BTD)
+  assert 'ragged_dot' not in str(forward())
+  gathered = block(x_BTD, x_BTD * 0.5)
+  monkeypatch.setattr(moe_lib, 'FEW_ROWS', 0)
+  assert 'ragged_dot' in str(forward())
+  np.testing.assert_allclose(gathered, block(x_BTD, x_BTD * 0.5), rtol=1e-5, atol=1e-6)
