@@ -28,7 +28,6 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax import sharding
-
 from gemma_jax.config import ModelConfig
 from gemma_jax.layers import FEW_ROWS, Einsum, RMSNorm, einsum_param
 
