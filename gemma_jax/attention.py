@@ -88,11 +88,10 @@ class Attention(nnx.Module):
                                (None, 'heads', 'embed', 'head_dim'), **kw)
     else:
       self.q_einsum = Einsum('BTD,NDH->BTNH', (N, D, H), ('heads', 'embed', 'head_dim'), **kw)
-      if kv_shared:  # reuses its source layer's keys and values: no k/v weights
-        pass
-      elif c.k_eq_v(attn_type):
+      # A KV-shared layer reuses its source layer's keys and values: no k/v weights.
+      if not kv_shared and c.k_eq_v(attn_type):
         self.k_einsum = Einsum('BTD,KDH->BTKH', (K, D, H), ('kv_heads', 'embed', 'head_dim'), **kw)
-      else:
+      elif not kv_shared:
         self.kv_einsum = Einsum('BTD,CKDH->CBTKH', (2, K, D, H),
                                 (None, 'kv_heads', 'embed', 'head_dim'), **kw)
     self.attn_vec_einsum = Einsum('BTNH,NHD->BTD', (N, H, D), ('heads', 'head_dim', 'embed'), **kw)

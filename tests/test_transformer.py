@@ -65,9 +65,9 @@ def test_cached_decoding_equals_full_forward(name, prefill):
     got.append(logits)
   got = jnp.concatenate(got, axis=1)
   assert int(cache['end_index']) == total
-  # Float32 summation order only: 2e-5 of the largest logit (Gemma 4's deeper test models with
-  # per-layer inputs reach 4e-5 absolute on logits of ~5).
-  atol = 2e-5 * max(1.0, float(jnp.abs(full1).max()))
+  # Float32 summation order only. Gemma 4's test models with per-layer inputs reach 4e-5 absolute
+  # on logits of ~5: for them, 2e-5 of the largest logit.
+  atol = 2e-5 * max(1.0, float(jnp.abs(full1).max())) if name.startswith('tiny-gemma4') else 1e-5
   np.testing.assert_allclose(got[0, pad:], full0[0], rtol=1e-5, atol=atol)
   np.testing.assert_allclose(got[1], full1[0], rtol=1e-5, atol=atol)
 
