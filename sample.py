@@ -2,14 +2,18 @@ r"""Samples from, or chats with, a gemma_jax checkpoint.
 
   python sample.py --ckpt DIR --prompt "The capital of France is" [--prompt TEXT ...]
       [--max_new_tokens 64] [--greedy | --temperature 1.0 --top_k 64 --top_p 0.95] [--seed 0]
-      [--chat] [--output_json out.json] [--tokenizer PATH]
+      [--chat] [--output_json out.json] [--tokenizer PATH] [--cache_dtype int8|bfloat16|float32]
+      [--quantize int8|int4 [--group_size G]]
 
 Text streams to stdout as it is generated (several prompts run as one batch and are printed one
 after another, each streaming once the ones before it are complete). --chat runs a multi-turn
 session in Gemma's chat format: each --prompt, then each line of stdin (a terminal or a pipe), is a
 user turn. Without --greedy or sampling flags, Gemma's recommended sampling is used
 (temperature 1.0, top_k 64, top_p 0.95). The tokenizer defaults to DIR/tokenizer.model. One line
-on stderr gives the size of the KV cache the sampler allocates.
+on stderr gives the size of the KV cache the sampler allocates (--cache_dtype int8 about halves a
+bfloat16 cache: keys and values quantized per token and head). --quantize holds the weights in
+int8 or int4 (gemma_jax.quant, groups of --group_size along each weight's contraction axis; default
+32) from load on; a checkpoint written by `gemma_jax.convert --quantize` is read quantized as it is.
 """
 
 import json
@@ -32,6 +36,13 @@ _TOP_P = flags.DEFINE_float('top_p', None, 'Nucleus probability in (0, 1] (defau
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
 _CHAT = flags.DEFINE_bool('chat', False, 'Interactive multi-turn chat (stdin may be a pipe).')
 _OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'Write {"completions": [...]} here.')
+_CACHE_DTYPE = flags.DEFINE_enum('cache_dtype', None, ['int8', 'bfloat16', 'float32'],
+                                 'KV cache storage (int8: quantized per token and head); default: '
+                                 'the compute dtype of the checkpoint.')
+_QUANTIZE = flags.DEFINE_enum('quantize', None, ['int8', 'int4'],
+                              'Quantize the weights at load (gemma_jax.quant).')
+_GROUP_SIZE = flags.DEFINE_integer('group_size', None, '--quantize: values per scale along the '
+                                   'contraction axis (default 32; 0: per output channel).')
 flags.mark_flag_as_required('ckpt')
 
 CHAT_CACHE_LENGTH = 8192  # tokens a chat session may hold (capped by the model's max_seq_len)
@@ -104,7 +115,25 @@ def _load(ckpt: str, tokenizer_path: str | None):
   config = checkpoint.load_config(ckpt)  # checked before any weight is read
   tokenizer.check_fits(config.vocab_size, f'model {config.name!r} in {ckpt}',
                        'Pass the tokenizer of this checkpoint with --tokenizer.')
-  return checkpoint.load_params(ckpt), tokenizer
+  if _GROUP_SIZE.value is not None and not _QUANTIZE.value:
+    raise UsageError('--group_size needs --quantize int8|int4.')
+  if _QUANTIZE.value:  # checked on the model's shapes before any weight is read
+    from flax import nnx
+    from gemma_jax import quant
+    from gemma_jax.transformer import Transformer
+    try:
+      nnx.eval_shape(lambda: quant.quantize(Transformer(config, rngs=nnx.Rngs(0)),
+                                            _QUANTIZE.value, _GROUP_SIZE.value))
+    except ValueError as e:
+      raise UsageError(f'--quantize {_QUANTIZE.value} --group_size {_GROUP_SIZE.value}: {e}')
+  model = checkpoint.load_params(ckpt)
+  if _QUANTIZE.value:
+    if quant.is_quantized(model):
+      raise UsageError(f'--ckpt {ckpt} is already quantized ({quant.describe(model)}); drop '
+                       '--quantize.')
+    quant.quantize(model, _QUANTIZE.value, _GROUP_SIZE.value)
+    print(quant.describe(model), file=sys.stderr, flush=True)
+  return model, tokenizer
 
 
 def _print(text: str):
@@ -121,7 +150,7 @@ def run_batch(model, tokenizer, prompts, sampling):
     raise UsageError(f'the longest prompt ({max(lengths)} tokens) + --max_new_tokens ({max_new}) '
                      f'exceeds the model\'s max_seq_len ({model.config.max_seq_len}).')
   cache_length = cache_length_for(lengths, max_new, model.config.max_seq_len)
-  sampler = Sampler(model, tokenizer, cache_length=cache_length)
+  sampler = Sampler(model, tokenizer, cache_length=cache_length, cache_dtype=_CACHE_DTYPE.value)
   print(cache_summary(sampler, len(prompts)), file=sys.stderr, flush=True)
   stream = sampler.sample(prompts, max_new, sampling=sampling, seed=_SEED.value, stream=True)
   shown, pending = 0, [''] * len(prompts)  # rows after `shown` wait in `pending`
@@ -155,7 +184,7 @@ def run_chat(model, tokenizer, first_turns, sampling):
   """Chat turns from --prompt, then stdin lines until EOF; returns one Completion per turn."""
   from gemma_jax.sampler import Sampler
   cache_length = min(model.config.max_seq_len, CHAT_CACHE_LENGTH)
-  sampler = Sampler(model, tokenizer, cache_length=cache_length)
+  sampler = Sampler(model, tokenizer, cache_length=cache_length, cache_dtype=_CACHE_DTYPE.value)
   print(cache_summary(sampler, 1), file=sys.stderr, flush=True)
   session = sampler.chat(sampling=sampling, seed=_SEED.value)
   interactive = sys.stdin.isatty()

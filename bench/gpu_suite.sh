@@ -15,6 +15,14 @@
 #              at most 11).
 #              GEMMA4_TRAIN / GEMMA4_SAMPLE replace the shape flags (e.g. on an 80 GB card:
 #              GEMMA4_TRAIN="--preset gemma4-26b-a4b --layers 4 --seq 2048 --batch 2").
+#   quant      bench/quant_bench.py: gemma1-7b shapes, random bf16 weights, decoding with bf16,
+#              int8 and int4 (groups of 32) weights at batch 1 and 16: tokens/s,
+#              ratio to bf16, parameter bytes and % of the weight-bytes roofline (goal: int8 at
+#              batch 1 >= 1.6x bf16; about 5 minutes, at most 7). QUANT_SAMPLE replaces the
+#              flags; the same section on CPU in about a minute (nvidia-smi's absence is harmless):
+#              QUANT_SAMPLE="--preset tiny-gemma1 --dtype bfloat16 --batch 1,16 --new_tokens 8
+#              --modes float,int8:16,int4:16 --repeats 1 --bandwidth_mib 64" PYTHON=.venv/bin/python
+#              bash bench/gpu_suite.sh /tmp/out quant
 # Packages missing on a bare GPU image (ml_collections, grain, ...) can be put as wheels in .whl/.
 set -u
 export PYTHONUNBUFFERED=1
@@ -76,4 +84,11 @@ if want gemma4; then
   # shellcheck disable=SC2086
   timeout 230 $PY bench/sample_bench.py --gpu $G4_SAMPLE --budget_s 170 --repeats 1 2>&1 \
     | tee "$OUTDIR/sample_gemma4.log"
+fi
+
+if want quant; then
+  QUANT=${QUANT_SAMPLE:-"--preset gemma1-7b --batch 1,16 --repeats 3 --budget_s 330"}
+  echo "== quantized decoding: $QUANT =="
+  # shellcheck disable=SC2086  # the flags are meant to split
+  timeout 420 $PY bench/quant_bench.py $QUANT 2>&1 | tee "$OUTDIR/quant.log"
 fi

@@ -12,6 +12,13 @@ buffer of their window only (S = window): they attend over the ring plus the new
 newest S entries. All rows share slot indices, so rows of different lengths must be left-padded
 (segment id 0 on the padding): every row's newest tokens then sit in the newest slots.
 
+An int8 cache (about half the bytes of bfloat16) also holds float32 `k_scale, v_scale: [B, S, K]`:
+each token's key (value) in each kv head is stored as round(x / scale), scale = max|x| / 127 over
+H, so a stored element is off by at most max|x| / 254. New tokens are quantized as they are written
+and the layer attends over the dequantized keys and values in the compute dtype (the new chunk's
+too, so a token reads the same whether it was fed alone or in a chunk); KV-shared layers get those
+dequantized keys and values.
+
 Gemma 4's KV-shared layers own no k/v weights and no cache: they attend over the keys, values and
 key positions their source layer (`ModelConfig.kv_source`) attended over in the same forward,
 which each layer returns for that purpose (`SharedKV`).
@@ -51,16 +58,49 @@ def layer_cache_length(config: ModelConfig, attn_type: AttentionType, cache_leng
   return cache_length
 
 
+def cache_dtype(dtype, what: str = 'cache dtype') -> jnp.dtype:
+  """`dtype` as the storage dtype of a KV cache: a floating dtype, or int8 (quantized keys and
+  values with scales). Raises ValueError naming `what` (e.g. a flag or argument) otherwise."""
+  try:
+    d = jnp.dtype(dtype)
+  except TypeError:
+    d = None
+  if d is None or not (d == jnp.int8 or jnp.issubdtype(d, jnp.floating)):
+    raise ValueError(f'{what}: {dtype!r} is not a KV cache dtype; use int8, bfloat16, float16 or '
+                     'float32.')
+  return d
+
+
 def init_layer_cache(config: ModelConfig, attn_type: AttentionType, batch_size: int,
                      cache_length: int, dtype) -> dict[str, jax.Array]:
-  """An empty cache for one layer: zero k/v and pos = -1 (no slot filled)."""
+  """An empty cache for one layer: zero k/v and pos = -1 (no slot filled); with dtype int8, also
+  zero float32 scales `k_scale, v_scale: [B, S, K]`."""
+  dtype = cache_dtype(dtype)
   s = layer_cache_length(config, attn_type, cache_length)
   shape = (batch_size, s, config.layer_kv_heads(attn_type), config.layer_head_dim(attn_type))
-  return {
+  cache = {
       'k': jnp.zeros(shape, dtype),
       'v': jnp.zeros(shape, dtype),
       'pos': jnp.full((batch_size, s), -1, jnp.int32),
   }
+  if dtype == jnp.int8:
+    cache['k_scale'] = jnp.zeros(shape[:3], jnp.float32)
+    cache['v_scale'] = jnp.zeros(shape[:3], jnp.float32)
+  return cache
+
+
+def quantize_kv(x_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(int8 [B,T,K,H], float32 scales [B,T,K]): symmetric, per token and head, scale = max|x| / 127
+  over H, so that |x - q * scale| <= scale / 2 elementwise (an all-zero vector gets scale 0)."""
+  x_BTKH = x_BTKH.astype(jnp.float32)
+  scale_BTK = jnp.max(jnp.abs(x_BTKH), axis=-1) / 127
+  q_BTKH = jnp.round(x_BTKH / jnp.where(scale_BTK == 0, 1, scale_BTK)[..., None])
+  return jnp.clip(q_BTKH, -127, 127).astype(jnp.int8), scale_BTK
+
+
+def dequantize_kv(q_BSKH: jax.Array, scale_BSK: jax.Array, dtype) -> jax.Array:
+  """The inverse of `quantize_kv`, up to its rounding: q * scale in float32, then cast to dtype."""
+  return (q_BSKH.astype(jnp.float32) * scale_BSK[..., None]).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -173,16 +213,21 @@ class Attention(nnx.Module):
     if cache is None:
       same_segment_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
       return k_BTKH, v_BTKH, kpos_BT, same_segment_BTS, None
+    new = {'pos': kpos_BT}
+    if 'k_scale' in cache:
+      (new['k'], new['k_scale']), (new['v'], new['v_scale']) = map(quantize_kv, (k_BTKH, v_BTKH))
+    else:
+      new['k'], new['v'] = k_BTKH.astype(cache['k'].dtype), v_BTKH.astype(cache['v'].dtype)
     if self.window is not None:
-      k_BSKH, v_BSKH, kpos_BS, new_cache = _ring_attend_and_update(
-          cache, k_BTKH, v_BTKH, kpos_BT, end_index)
-      return k_BSKH, v_BSKH, kpos_BS, None, new_cache
-    new_cache = {
-        'k': _write(cache['k'], k_BTKH, end_index),
-        'v': _write(cache['v'], v_BTKH, end_index),
-        'pos': _write(cache['pos'], kpos_BT, end_index),
-    }
-    return new_cache['k'], new_cache['v'], new_cache['pos'], None, new_cache
+      keys, new_cache = _ring_attend_and_update(cache, new, end_index)
+    else:
+      keys = new_cache = {name: _write(cache[name], new[name], end_index) for name in cache}
+    if 'k_scale' in keys:
+      k_BSKH = dequantize_kv(keys['k'], keys['k_scale'], self.dtype)
+      v_BSKH = dequantize_kv(keys['v'], keys['v_scale'], self.dtype)
+    else:
+      k_BSKH, v_BSKH = keys['k'], keys['v']
+    return k_BSKH, v_BSKH, keys['pos'], None, new_cache
 
   def kernel(self) -> str:
     """'cudnn' or 'xla': the kernel of an uncached forward, by $GEMMA_JAX_ATTENTION if set, else
@@ -218,22 +263,16 @@ def _write(buf_BS_: jax.Array, new_BT_: jax.Array, end_index: jax.Array) -> jax.
   return jax.lax.dynamic_update_slice(buf_BS_, new_BT_.astype(buf_BS_.dtype), start)
 
 
-def _ring_attend_and_update(cache, k_BTKH, v_BTKH, kpos_BT, end_index):
-  """Keys for a LOCAL layer: its ring buffer followed by the new chunk; then the updated ring.
+def _ring_attend_and_update(cache, new, end_index):
+  """(what a LOCAL layer attends over: its ring buffer followed by the new chunk, the updated
+  ring), both in the cache's layout; `new` holds the chunk's entries already in the cache's dtype.
 
   Attending over ring + chunk (rather than the updated ring) lets a chunk longer than the window
   see all of itself. The newest min(T, S) tokens then overwrite the oldest slots.
   """
-  S = cache['k'].shape[1]
-  T = k_BTKH.shape[1]
-  keys = (jnp.concatenate([cache['k'], k_BTKH.astype(cache['k'].dtype)], axis=1),
-          jnp.concatenate([cache['v'], v_BTKH.astype(cache['v'].dtype)], axis=1),
-          jnp.concatenate([cache['pos'], kpos_BT], axis=1))
+  S, T = cache['pos'].shape[1], new['pos'].shape[1]
+  keys = {name: jnp.concatenate([cache[name], new[name]], axis=1) for name in cache}
   m = min(T, S)
   slots = (end_index + T - m + jnp.arange(m)) % S
-  new_cache = {
-      'k': cache['k'].at[:, slots].set(k_BTKH[:, T - m:].astype(cache['k'].dtype)),
-      'v': cache['v'].at[:, slots].set(v_BTKH[:, T - m:].astype(cache['v'].dtype)),
-      'pos': cache['pos'].at[:, slots].set(kpos_BT[:, T - m:]),
-  }
-  return (*keys, new_cache)
+  new_cache = {name: cache[name].at[:, slots].set(new[name][:, T - m:]) for name in cache}
+  return keys, new_cache

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from gemma_jax import quant
 from gemma_jax.config import ModelConfig
 from gemma_jax.distributed import sync_processes
 from gemma_jax.lora import merge_lora
@@ -138,18 +139,21 @@ def load_params(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
     saved = flatten(checkpointer.metadata(params_dir).item_metadata.tree)
   except (FileNotFoundError, ValueError, AttributeError) as e:
     raise ValueError(f'{params_dir}: unreadable Orbax checkpoint ({e}).') from e
-  check_param_shapes(config, {n: tuple(m.shape) for n, m in saved.items()},
-                     f'{params_dir} (checked against its {CONFIG_FILE})')
+  quantized = check_param_shapes(config, {n: tuple(m.shape) for n, m in saved.items()},
+                                 f'{params_dir} (checked against its {CONFIG_FILE})')
+  # Quantized weights and their scales (gemma_jax.quant) keep their saved dtypes.
+  kept = set(quantized) | {n + quant.SCALE_SUFFIX for n in quantized}
   if param_dtype is None:
-    param_dtype = saved['embedder.input_embedding'].dtype
+    param_dtype = saved['final_norm.scale'].dtype
   names = sorted(saved)
   placement = shardings_by_name(shardings, names) or {
       n: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) for n in names}
-  target = nest({n: jax.ShapeDtypeStruct(saved[n].shape, jnp.dtype(param_dtype),
-                                         sharding=placement[n]) for n in names})
+  target = nest({n: jax.ShapeDtypeStruct(
+      saved[n].shape, saved[n].dtype if n in kept else jnp.dtype(param_dtype),
+      sharding=placement[n]) for n in names})
   restored = flatten(checkpointer.restore(params_dir, target))
   return model_from_params(config, restored, dtype=dtype or param_dtype, param_dtype=param_dtype,
-                           source=params_dir, shardings=placement)
+                           source=params_dir, shardings=placement, quantized=quantized)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,14 +197,20 @@ def _saved(state: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in state.items() if k != 'frozen'}
 
 
-def export_params(model: Transformer, workdir: str, tokenizer: Any = None) -> str:
+def export_params(model: Transformer, workdir: str, tokenizer: Any = None, *,
+                  quantize: tuple[str, int | None] | None = None) -> str:
   """Writes the job's final params-only checkpoint (+ tokenizer.model) for sample.py to
   WORKDIR/final, replacing an earlier one; a model with LoRA adapters is exported with them
-  merged in (in place). Returns the directory."""
+  merged in (in place). A quantized base (QLoRA) is exported as the merged float32 model, or,
+  with `quantize` = (mode, group size), quantized again that way. Returns the directory."""
   out = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
   if os.path.exists(out) and jax.process_index() == 0:
     shutil.rmtree(out)
   sync_processes('export_params:cleared')  # nobody checks `out` before it is gone
   merge_lora(model)
+  if quantize:
+    quant.quantize(model, *quantize)
+  else:
+    quant.dequantize(model)
   save_params(model, out, tokenizer)
   return out

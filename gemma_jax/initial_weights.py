@@ -18,8 +18,9 @@ from flax import nnx
 
 from gemma_jax import config as config_lib
 from gemma_jax import distributed
+from gemma_jax import sharding
 from gemma_jax.tokenizer import Tokenizer
-from gemma_jax.train_config import DTYPES, ConfigError, model_config, model_kwargs
+from gemma_jax.train_config import DTYPES, ConfigError, model_config, model_kwargs, quantize
 from gemma_jax.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -125,13 +126,17 @@ def initial_params(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict
 
   Random init runs inside jit with `out_shardings` (no device ever holds a whole model); a
   native checkpoint is read straight into the shardings; hf, gguf and official weights are
-  converted on the host (numpy) and each placed straight onto its shards.
+  converted on the host (numpy) and each placed straight onto its shards. With
+  `model.quantize` (QLoRA) the weights are quantized on their devices, from float shards laid out
+  by the same rules, into `shardings` (those of the quantized base).
   """
   init, path = config.model.init, _init_path(config)
   param_dtype = DTYPES[config.model.param_dtype]
   if init == 'none':
-    make = lambda: Transformer(mc, rngs=nnx.Rngs(config.seed), **model_kwargs(config))
+    make = lambda: quantize(Transformer(mc, rngs=nnx.Rngs(config.seed), **model_kwargs(config)),
+                            config)
     return jax.jit(lambda: nnx.state(make(), nnx.Param), out_shardings=shardings)()
+  target, shardings = shardings, _float_shardings(mc, config, shardings)
   if init == 'native':
     from gemma_jax import checkpoint  # pylint: disable=g-import-not-at-top
     loaded = checkpoint.load_params(path, param_dtype=param_dtype, shardings=shardings)
@@ -147,4 +152,20 @@ def initial_params(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict
   if loaded.config != mc:
     raise ConfigError(f'{path}: the weights describe {loaded.config.name!r}, not the expected '
                       f'{mc.name!r}.')
-  return nnx.state(loaded, nnx.Param)
+  if not config.model.quantize:
+    return nnx.state(loaded, nnx.Param)
+  graphdef, state = nnx.split(loaded)
+  return jax.jit(lambda s: nnx.state(quantize(nnx.merge(graphdef, s), config), nnx.Param),
+                 out_shardings=target)(state)
+
+
+def _float_shardings(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict,
+                     shardings: Any) -> Any:
+  """`shardings` when the base stays float; else those of the float model it is quantized from
+  (same mesh, same rules)."""
+  if not config.model.quantize:
+    return shardings
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  rules = sharding.ShardingRules.from_config(config.sharding_rules)
+  abstract = nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(0), **model_kwargs(config)))
+  return sharding.param_shardings(nnx.state(abstract, nnx.Param), mesh, rules)

@@ -154,6 +154,31 @@ def einsum_param(rngs: nnx.Rngs, einsum_str: str, shape: Sequence[int], dtype,
   return param(rngs, fan_in_normal(einsum_layout(einsum_str).contracted), shape, dtype, axes)
 
 
+def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
+  """Weight `name` of `module` in `dtype`: the one way layers read a weight. A weight that
+  gemma_jax.quant holds in low bits (a `QuantizedWeight` with its `{name}_qscale`) is dequantized
+  here, inside the jitted computation, where XLA fuses the dequantization into the matmul that
+  reads it."""
+  var = getattr(module, name)
+  scale = getattr(module, f'{name}_qscale', None)
+  if scale is None:
+    return var[...].astype(dtype)
+  return var.dequantize(scale[...], dtype)
+
+
+def weight_rows(module: nnx.Module, name: str, rows: jax.Array, dtype,
+                constrain_fn=lambda x: x) -> jax.Array:
+  """Rows `rows` (integer array of any shape) of table `name` [V, X] of `module`, in `dtype`
+  ([*rows.shape, X]): a quantized table's rows are gathered before they are dequantized, so a
+  lookup reads only those rows. `constrain_fn` lays out each gathered table (sharding)."""
+  var = getattr(module, name)
+  table = constrain_fn(var[...])
+  scale = getattr(module, f'{name}_qscale', None)
+  if scale is None:
+    return table[rows].astype(dtype)
+  return var.dequantize_rows(table[rows], constrain_fn(scale[...])[rows], dtype)
+
+
 def with_lora(module: nnx.Module, name: str, y: jax.Array, x: jax.Array,
               einsum_str: str) -> jax.Array:
   """`y` plus the low-rank update `scale * (x A) B` of weight `name` (applied by `einsum_str`)
@@ -199,7 +224,7 @@ class Einsum(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    y = einsum(self.einsum_str, x, self.w[...].astype(self.dtype))
+    y = einsum(self.einsum_str, x, weight(self, 'w', self.dtype))
     return with_lora(self, 'w', y, x, self.einsum_str)
 
 

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma_jax.layers import einsum_layout, fan_in_normal
+from gemma_jax.layers import einsum_layout, fan_in_normal, weight
+from gemma_jax.quant import SCALE_SUFFIX, QuantizedWeight
 from gemma_jax.transformer import Transformer, param_name
 
 DEFAULT_TARGETS = '.*'  # every attention and MLP projection (never the embedding / output head)
@@ -83,7 +84,9 @@ def lora_delta(einsum_str: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 def merge_lora(model: Transformer) -> list[str]:
   """Folds every adapter into its weight, W += scale * A B (in W's dtype), and removes the
-  factors, in place; returns the merged weights' names. The model is then a plain Transformer."""
+  factors, in place; returns the merged weights' names. The model is then a plain Transformer.
+  A quantized base weight (QLoRA) becomes a float32 one: dequantized W plus the update
+  (`gemma_jax.quant.quantize` requantizes the merged model when wanted)."""
   merged = []
   for module, attr, name, einsum_str in list(_weights(model)):
     if not hasattr(module, f'{attr}_lora_a'):
@@ -91,7 +94,12 @@ def merge_lora(model: Transformer) -> list[str]:
     var = getattr(module, attr)
     a, b = getattr(module, f'{attr}_lora_a'), getattr(module, f'{attr}_lora_b')
     delta = lora_delta(einsum_str, a[...], b[...]) * getattr(module, f'{attr}_lora_scale')
-    var.set_value((var[...].astype(jnp.float32) + delta).astype(var.dtype))
+    if isinstance(var, QuantizedWeight):
+      w = weight(module, attr, jnp.float32) + delta
+      setattr(module, attr, nnx.Param(w, logical_axes=var.get_metadata().get('logical_axes')))
+      delattr(module, attr + SCALE_SUFFIX)
+    else:
+      var.set_value((var[...].astype(jnp.float32) + delta).astype(var.dtype))
     for suffix in ('_lora_a', '_lora_b', '_lora_scale'):
       delattr(module, attr + suffix)
     merged.append(name)

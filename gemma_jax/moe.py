@@ -27,9 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from gemma_jax import quant
 from gemma_jax import sharding
 from gemma_jax.config import ModelConfig
-from gemma_jax.layers import FEW_ROWS, Einsum, RMSNorm, einsum_param
+from gemma_jax.layers import FEW_ROWS, Einsum, RMSNorm, einsum_param, weight
 
 
 class MoE(nnx.Module):
@@ -76,18 +77,27 @@ class MoE(nnx.Module):
     scale_E = self.per_expert_scale[...].astype(jnp.float32)
     return weights_BTk * scale_E[experts_BTk], experts_BTk
 
-  def _expert_weights(self) -> dict[str, jax.Array]:
-    """The expert weights in the compute dtype, with their LoRA factors where gemma_jax.lora
-    added them: `gating_einsum` [E, D, 2F], `linear` [E, F, D], `{name}_lora_a` / `_lora_b`."""
-    E, D, _, F = self.gating_einsum.shape
-    w = {'gating_einsum': self.gating_einsum[...].reshape(E, D, 2 * F),
-         'linear': self.linear[...]}
+  def _expert_weights(self) -> tuple[dict[str, jax.Array], dict[str, tuple[int, int]]]:
+    """(arrays, quantized): the expert weights `gating_einsum` [E, D, 2F] and `linear` [E, F, D]
+    in the compute dtype, with their LoRA factors where gemma_jax.lora added them
+    (`{name}_lora_a` / `_lora_b`). A weight gemma_jax.quant holds in low bits stays so, with its
+    `{name}_qscale`, and `quantized[name]` = (bits, group axis): `_dispatch` dequantizes only the
+    experts a step uses when it gathers them."""
+    w, quantized = {}, {}
     for name in ('gating_einsum', 'linear'):
+      var = getattr(self, name)
+      if isinstance(var, quant.QuantizedWeight):
+        scale = getattr(self, name + quant.SCALE_SUFFIX)
+        w[name], w[name + quant.SCALE_SUFFIX] = var[...], scale[...]
+        quantized[name] = (var.get_metadata('bits'), var.get_metadata('axis'))
+      else:
+        v = weight(self, name, self.dtype)
+        w[name] = v.reshape(*v.shape[:2], -1)
       if hasattr(self, f'{name}_lora_a'):
-        w[f'{name}_lora_a'] = getattr(self, f'{name}_lora_a')[...]
+        w[f'{name}_lora_a'] = getattr(self, f'{name}_lora_a')[...].astype(self.dtype)
         b = getattr(self, f'{name}_lora_b')[...]
-        w[f'{name}_lora_b'] = b.reshape(*b.shape[:2], -1)
-    return {k: v.astype(self.dtype) for k, v in w.items()}
+        w[f'{name}_lora_b'] = b.reshape(*b.shape[:2], -1).astype(self.dtype)
+    return w, quantized
 
   def __call__(self, x_BTD: jax.Array, expert_in_BTD: jax.Array) -> jax.Array:
     """Routes by `x_BTD` and runs the experts on `expert_in_BTD` (Gemma 4 routes on the residual
@@ -100,9 +110,10 @@ class MoE(nnx.Module):
     weights_BTk, experts_BTk = self.route(x_BTD)
     scales = {name: getattr(self, f'{name}_lora_scale') for name in ('gating_einsum', 'linear')
               if hasattr(self, f'{name}_lora_scale')}
-    run = functools.partial(_dispatch, lora_scales=scales, dtype=self.dtype)
+    w, quantized = self._expert_weights()
+    run = functools.partial(_dispatch, lora_scales=scales, dtype=self.dtype, quantized=quantized)
     spec = sharding.current_spec(('batch', None, None), x_BTD.shape)
-    args = (expert_in_BTD, weights_BTk, experts_BTk, self._expert_weights())
+    args = (expert_in_BTD, weights_BTk, experts_BTk, w)
     if spec is None or spec[0] is None:
       return run(*args)
     rows = P(spec[0], None, None)
@@ -110,7 +121,7 @@ class MoE(nnx.Module):
                          in_specs=(rows, rows, rows, P()), out_specs=rows)(*args)
 
 
-def _dispatch(x_BTD, weights_BTk, experts_BTk, w, *, lora_scales, dtype):
+def _dispatch(x_BTD, weights_BTk, experts_BTk, w, *, lora_scales, dtype, quantized=None):
   """The experts on x: its (token, expert) pairs sorted by expert, so that each expert's rows are
   one contiguous group of one grouped matmul, then weighted and summed back per token."""
   B, T, D = x_BTD.shape
@@ -126,17 +137,31 @@ def _dispatch(x_BTD, weights_BTk, experts_BTk, w, *, lora_scales, dtype):
   gather = B * T * k <= FEW_ROWS and B * T * k < E
   sorted_experts_R = experts_R[order_R]
 
-  def matmul(x_RX, w_EXY):
+  quantized = quantized or {}
+
+  def expert_weight(name, experts=None):
+    """Weight `name` [E, X, Y] of every expert, or [R, X, Y] of the given ones; a quantized one
+    is dequantized after the gather, so a decoding step reads only the experts it uses."""
+    if name not in quantized:
+      return w[name] if experts is None else w[name][experts]
+    q, scale = w[name], w[name + quant.SCALE_SUFFIX]
+    if experts is not None:
+      q, scale = q[experts], scale[experts]
+    bits, axis = quantized[name]
+    full = quant.dequantize_array(q, scale, bits=bits, axis=axis, dtype=dtype)
+    return full.reshape(*full.shape[:2], -1)
+
+  def matmul(x_RX, name):
     if gather:
-      return jnp.einsum('RX,RXY->RY', x_RX, w_EXY[sorted_experts_R])
-    return jax.lax.ragged_dot(x_RX, w_EXY, group_sizes_E)
+      return jnp.einsum('RX,RXY->RY', x_RX, expert_weight(name, sorted_experts_R))
+    return jax.lax.ragged_dot(x_RX, expert_weight(name), group_sizes_E)
 
   def ragged(name, x_RX):
     """Each row times its expert's weight `name`, plus that expert's LoRA update if any."""
-    y_RY = matmul(x_RX, w[name])
+    y_RY = matmul(x_RX, name)
     if name not in lora_scales:
       return y_RY
-    update_RY = matmul(matmul(x_RX, w[f'{name}_lora_a']), w[f'{name}_lora_b'])
+    update_RY = matmul(matmul(x_RX, f'{name}_lora_a'), f'{name}_lora_b')
     return y_RY + update_RY * jnp.asarray(lora_scales[name], y_RY.dtype)
 
   x_RD = x_BTD.reshape(B * T, D).astype(dtype)[token_R]

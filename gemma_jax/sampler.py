@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from gemma_jax import attention
 from gemma_jax.sampling import GREEDY, SamplingParams, sample_logits
 
 _MIN_BUCKET = 16  # shortest prefill / output-buffer bucket (powers of two above it)
@@ -161,8 +162,9 @@ class Sampler:
   sampler holds the model's parameters as they are at construction (create a new Sampler to
   sample from updated weights). `tokenizer` (a `gemma_jax.tokenizer.Tokenizer`) may be None: then
   prompts must be token-id lists, nothing stops a row but `stop_tokens`, and texts are None.
-  `cache_dtype` defaults to the model's compute dtype. `stream_chunk`: decode steps per streamed
-  piece.
+  `cache_dtype`: the KV cache's storage dtype, by default the model's compute dtype; 'int8'
+  (or jnp.int8) stores keys and values quantized per token and head, at about half the bytes of
+  bfloat16 (gemma_jax.attention). `stream_chunk`: decode steps per streamed piece.
   """
 
   def __init__(self, model, tokenizer=None, *, cache_length: int = 1024, cache_dtype=None,
@@ -182,15 +184,17 @@ class Sampler:
     self.model = model
     self.tokenizer = tokenizer
     self.cache_length = cache_length
-    self.cache_dtype = cache_dtype
+    self.cache_dtype = None if cache_dtype is None else attention.cache_dtype(
+        cache_dtype, 'Sampler: cache_dtype')
     self.stream_chunk = stream_chunk
     self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
     self._graphdef, self._params = nnx.split(model)
 
   def cache_bytes(self, batch_size: int = 1) -> int:
     """Bytes of the KV cache this sampler allocates for `batch_size` rows of `cache_length`
-    tokens: keys, values and slot positions of every layer that keeps a cache (Gemma 4's KV-shared
-    layers keep none). Read from the cache's shapes; nothing is allocated."""
+    tokens: keys, values (and their scales in an int8 cache) and slot positions of every layer that
+    keeps a cache (Gemma 4's KV-shared layers keep none). Read from the cache's shapes; nothing is
+    allocated."""
     shapes = jax.eval_shape(
         lambda: self.model.init_cache(batch_size, self.cache_length, self.cache_dtype))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))

@@ -17,6 +17,12 @@ Config reference (every key; configs/*.py start from `base_config()` and overrid
   model.remat         'none' | 'dots' | 'full' (what a block keeps for the backward pass)
   model.attention     kernel of uncached forwards: 'auto' | 'xla' | 'cudnn' (gemma_jax.attention;
                       the environment variable GEMMA_JAX_ATTENTION overrides it)
+  model.quantize      '' | 'int8' | 'int4': hold the base weights quantized (gemma_jax.quant) and
+                      train LoRA adapters over them (QLoRA; needs lora.rank > 0)
+  model.quant_group_size   -1 = the mode's default (int8: per output channel, int4: 128);
+                      0 = per output channel; g = groups of g along the contraction axis
+  model.export_quantized   False: WORKDIR/final is the merged float model; True: the merged
+                      model quantized again with model.quantize
   data.*              gemma_jax.data.DEFAULT_CONFIG
   optimizer.*         gemma_jax.optim: name adamw|adafactor, b1, b2, eps, weight_decay,
                       weight_decay_exclude (regex on dotted param names), warmup_steps (a warmup
@@ -50,6 +56,7 @@ from flax import nnx
 from gemma_jax import config as config_lib
 from gemma_jax import lora as lora_lib
 from gemma_jax import optim
+from gemma_jax import quant
 from gemma_jax import sharding
 from gemma_jax.attention import ATTENTION_IMPLS
 from gemma_jax.transformer import REMAT_POLICIES, Transformer
@@ -87,7 +94,8 @@ def defaults() -> dict[str, Any]:
       'log_every': 10, 'eval_every': 200, 'eval_batches': 20, 'checkpoint_every': 200,
       'keep_checkpoints': 3, 'loss_chunk': 0,
       'model': dict(preset='tiny-gemma3', vocab_size=0, init='none', init_path='', tokenizer='',
-                    dtype='float32', param_dtype='float32', remat='none', attention='auto'),
+                    dtype='float32', param_dtype='float32', remat='none', attention='auto',
+                    quantize='', quant_group_size=-1, export_quantized=False),
       'data': copy.deepcopy(DATA_DEFAULTS),
       'optimizer': dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                         weight_decay_exclude='norm', warmup_steps=0, decay='cosine',
@@ -176,6 +184,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.model.init={c.model.init!r} needs config.model.init_path.')
   if c.lora.rank < 0:
     raise ConfigError(f'config.lora.rank={c.lora.rank} must be >= 0 (0 = full fine-tuning).')
+  if c.model.quantize:
+    if c.model.quantize not in quant.MODES:
+      raise ConfigError(f'config.model.quantize={c.model.quantize!r}; expected \'\' or one of '
+                        f'{list(quant.MODES)}.')
+    if not c.lora.rank:
+      raise ConfigError(f'config.model.quantize={c.model.quantize!r} freezes the base weights '
+                        'in low bits: only LoRA adapters can train over them (QLoRA). Set '
+                        'config.lora.rank > 0, or config.model.quantize=\'\' to train every weight.')
+    try:
+      quant.spec(c.model.quantize, quant_group_size(c))
+      nnx.eval_shape(lambda: quant.quantize(Transformer(model_config(c), rngs=nnx.Rngs(0)),
+                                            c.model.quantize, quant_group_size(c)))
+    except ValueError as e:
+      raise ConfigError(f'config.model.quant_group_size={c.model.quant_group_size}: {e}') from None
   if c.lora.rank:
     try:
       abstract_model(model_config(c), c)  # shapes only: checks lora.targets against the model
@@ -201,9 +223,23 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
               remat=config.model.remat, attention=config.model.attention)
 
 
+def quant_group_size(config: ml_collections.ConfigDict) -> int | None:
+  """`model.quant_group_size` as gemma_jax.quant takes it (None: the mode's default)."""
+  g = int(config.model.quant_group_size)
+  return None if g < 0 else g
+
+
+def quantize(model: Transformer, config: ml_collections.ConfigDict) -> Transformer:
+  """`model` with its base weights quantized as `model.quantize` says (unchanged when '')."""
+  if config.model.quantize:
+    quant.quantize(model, config.model.quantize, quant_group_size(config))
+  return model
+
+
 def make_model(mc: config_lib.ModelConfig, config: ml_collections.ConfigDict) -> Transformer:
-  """A randomly initialised model of the job (seed), with its LoRA adapters when lora.rank > 0."""
-  model = Transformer(mc, rngs=nnx.Rngs(config.seed), **model_kwargs(config))
+  """A randomly initialised model of the job (seed), its base quantized when model.quantize is
+  set, with its LoRA adapters when lora.rank > 0."""
+  model = quantize(Transformer(mc, rngs=nnx.Rngs(config.seed), **model_kwargs(config)), config)
   if config.lora.rank:
     lora_lib.add_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
                       rngs=nnx.Rngs(config.seed + 1))

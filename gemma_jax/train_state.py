@@ -26,6 +26,7 @@ from gemma_jax import sharding
 from gemma_jax.config import ModelConfig
 from gemma_jax.initial_weights import initial_params
 from gemma_jax.train_config import abstract_model, make_model
+from gemma_jax.transformer import count_params
 
 if TYPE_CHECKING:
   import ml_collections
@@ -78,8 +79,7 @@ class TrainStatePlan:
 
   def describe_lora(self) -> str:
     """How many parameters train, against the frozen base (for the job's progress output)."""
-    count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
-    n, base = count(self.abstract['params']), count(self.abstract['frozen'])
+    n, base = count_params(self.abstract['params']), count_params(self.abstract['frozen'])
     return f'{n:,} trained parameters ({100 * n / base:.2f}% of the {base:,} frozen base weights).'
 
 

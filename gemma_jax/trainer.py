@@ -35,6 +35,7 @@ from gemma_jax import metrics as metrics_lib
 from gemma_jax import sharding
 from gemma_jax import train_config
 from gemma_jax import train_state
+from gemma_jax.layers import weight
 from gemma_jax.loss import head_loss_sums, token_loss_sums
 from gemma_jax.train_state import State, state_shardings
 
@@ -66,7 +67,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0,
     out, _ = model(batch['tokens'], positions=batch['positions'],
                    segment_ids=batch['segment_ids'], return_hidden=loss_chunk > 0)
     if loss_chunk > 0:
-      table_VD = model.embedder.input_embedding[...].astype(model.dtype)
+      table_VD = weight(model.embedder, 'input_embedding', model.dtype)
       loss_sum, correct_sum = head_loss_sums(out, table_VD, batch['targets'], batch['loss_mask'],
                                              chunk=loss_chunk,
                                              cap=model.config.final_logit_soft_cap)
@@ -285,7 +286,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer.close()
   if distributed.is_main_process():
     metrics_lib.plot_loss_curve(workdir)
-  export_dir = checkpoint.export_params(model_of(state), workdir, tokenizer)
+  requantize = (config.model.quantize, train_config.quant_group_size(config))
+  export_dir = checkpoint.export_params(model_of(state), workdir, tokenizer,
+                                        quantize=requantize if config.model.export_quantized
+                                        and config.model.quantize else None)
   manager.close()
   _say(f'Done: final params for sample.py in {export_dir}')
   return {'train': last, 'eval': last_eval, 'export_dir': export_dir}

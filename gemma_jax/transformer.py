@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_jax import quant
 from gemma_jax.attention import Attention, init_layer_cache
 from gemma_jax.config import ModelConfig
 from gemma_jax.layers import (Einsum, RMSNorm, einsum, einsum_param, fan_in_normal, param,
-                              param_name, soft_cap, with_lora)
+                              param_name, soft_cap, weight, weight_rows, with_lora)
 from gemma_jax.moe import MoE
 from gemma_jax.sharding import constrain
 
@@ -60,15 +61,20 @@ class Embedder(nnx.Module):
       self.per_layer_projection_norm = RMSNorm(I, None, eps=c.rms_norm_eps,
                                                param_dtype=param_dtype, plus_one=False)
 
-  def encode(self, tokens_BT: jax.Array) -> jax.Array:
-    return self._lookup(self.input_embedding[...], tokens_BT, self.input_embedding.shape[-1])
+  @property
+  def tables(self) -> tuple[str, ...]:
+    """The embedding tables [V, X] (gemma_jax.quant quantizes them along X)."""
+    return tuple(t for t in ('input_embedding', 'per_layer_input_embedding') if hasattr(self, t))
 
-  def _lookup(self, table_VX: jax.Array, tokens_BT: jax.Array, width: int) -> jax.Array:
-    """Rows of `table` times sqrt(width), in the compute dtype."""
+  def encode(self, tokens_BT: jax.Array) -> jax.Array:
+    return self._lookup('input_embedding', tokens_BT, self.input_embedding.shape[-1])
+
+  def _lookup(self, table: str, tokens_BT: jax.Array, width: int) -> jax.Array:
+    """Rows of table `table` times sqrt(width), in the compute dtype."""
     # Gather the fsdp-sharded D of the table before the lookup: otherwise the partitioner
     # replicates the looked-up rows and re-splits them (a full rematerialisation on data x fsdp).
-    table_VX = constrain(table_VX, ('vocab', None))
-    x_BTX = table_VX[tokens_BT].astype(self.dtype)
+    x_BTX = weight_rows(self, table, tokens_BT, self.dtype,
+                        lambda t: constrain(t, ('vocab', None)))
     # The scale is cast to the compute dtype first, as the reference implementations do.
     return x_BTX * jnp.sqrt(width).astype(self.dtype)
 
@@ -79,12 +85,12 @@ class Embedder(nnx.Module):
     proj_BTLI = self.per_layer_model_projection(x_BTD) * jnp.asarray(
         x_BTD.shape[-1]**-0.5, self.dtype)
     proj_BTLI = self.per_layer_projection_norm(proj_BTLI)
-    table_BTLI = self._lookup(self.per_layer_input_embedding[...], tokens_BT,
+    table_BTLI = self._lookup('per_layer_input_embedding', tokens_BT,
                               I).reshape(*tokens_BT.shape, L, I)
     return (proj_BTLI + table_BTLI) * jnp.asarray(2.0**-0.5, self.dtype)
 
   def decode(self, x_BTD: jax.Array) -> jax.Array:
-    return jnp.einsum('BTD,VD->BTV', x_BTD, self.input_embedding[...].astype(self.dtype))
+    return jnp.einsum('BTD,VD->BTV', x_BTD, weight(self, 'input_embedding', self.dtype))
 
 
 class FeedForward(nnx.Module):
@@ -108,10 +114,10 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     x_BTD = x_BTD.astype(self.dtype)
-    gate_up_CBTF = einsum(self.GATING, x_BTD, self.gating_einsum[...].astype(self.dtype))
+    gate_up_CBTF = einsum(self.GATING, x_BTD, weight(self, 'gating_einsum', self.dtype))
     gate_BTF, up_BTF = with_lora(self, 'gating_einsum', gate_up_CBTF, x_BTD, self.GATING)
     act_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
-    y_BTD = einsum(self.LINEAR, act_BTF, self.linear[...].astype(self.dtype))
+    y_BTD = einsum(self.LINEAR, act_BTF, weight(self, 'linear', self.dtype))
     return with_lora(self, 'linear', y_BTD, act_BTF, self.LINEAR)
 
 
@@ -250,9 +256,10 @@ class Transformer(nnx.Module):
     return constrain(logits_BTV, ACT_BTV)
 
   def init_cache(self, batch_size: int, cache_length: int, dtype=None) -> Cache:
-    """An empty KV cache for `batch_size` rows of up to `cache_length` tokens (dtype: compute).
-    KV-shared layers (Gemma 4) have none: their entry is None."""
-    dtype = dtype or self.dtype
+    """An empty KV cache for `batch_size` rows of up to `cache_length` tokens (dtype: a float
+    dtype, default the compute dtype, or int8: quantized keys and values with per-token, per-head
+    scales; see gemma_jax.attention). KV-shared layers (Gemma 4) have none: their entry is None."""
+    dtype = self.dtype if dtype is None else dtype
     c = self.config
     return {
         'end_index': jnp.zeros((), jnp.int32),
@@ -263,9 +270,11 @@ class Transformer(nnx.Module):
 
 
 def count_params(model_or_state) -> int:
-  """Number of parameter elements (works on abstract `nnx.eval_shape` models too)."""
+  """Number of parameter elements (works on abstract `nnx.eval_shape` models too). A quantized
+  weight counts as the float weight it stands for; its scales do not count."""
   state = nnx.state(model_or_state, nnx.Param)
-  return sum(int(x.size) for x in jax.tree.leaves(state))
+  variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return sum(int(np.prod(v.shape)) for v in variables if not isinstance(v, quant.QuantScale))
 
 
 def flat_params(model: Transformer) -> dict[str, jax.Array]:
@@ -290,14 +299,21 @@ def shardings_by_name(shardings: Any, names: list[str]) -> dict[str, jax.shardin
 
 
 def check_param_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]],
-                       source: str = 'params') -> None:
+                       source: str = 'params') -> dict[str, Any]:
   """Raises ValueError naming `source` and the key unless `shapes` (by dotted name) are exactly
-  the parameters of a `config` model: none missing, none unexpected, every shape equal."""
-  _check_shapes(config, _abstract_params(config)[2], shapes, source)
+  the parameters of a `config` model: none missing, none unexpected, every shape equal. Weights
+  saved quantized (with a `_qscale`) are checked against their quantized layout; returns their
+  {name: gemma_jax.quant.QuantSpec} (empty for a float model)."""
+  quantized = {}
+  if any(n.endswith(quant.SCALE_SUFFIX) for n in shapes):
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    quantized = quant.specs_from_shapes(abstract, shapes)
+  _check_shapes(config, _abstract_params(config, quantized)[2], shapes, source)
+  return quantized
 
 
 def _check_shapes(config, abstract: Mapping[str, nnx.Param], shapes, source) -> None:
-  expected = {name: tuple(var.shape) for name, var in abstract.items()}
+  expected = {name: tuple(var.get_value().shape) for name, var in abstract.items()}
   unexpected = sorted(set(shapes) - set(expected))
   if unexpected:
     raise ValueError(f'{source}: unexpected parameters {unexpected[:5]} for model {config.name!r}.')
@@ -309,9 +325,15 @@ def _check_shapes(config, abstract: Mapping[str, nnx.Param], shapes, source) -> 
                        f'expected {shape} for model {config.name!r}.')
 
 
-def _abstract_params(config: ModelConfig, **kwargs):
-  """(graphdef, flat state, {dotted name: abstract Param}) of a `config` model, no allocation."""
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), **kwargs))
+def _abstract_params(config: ModelConfig, quantized: Mapping[str, Any] | None = None, **kwargs):
+  """(graphdef, flat state, {dotted name: abstract Param}) of a `config` model, no allocation;
+  `quantized` ({weight name: gemma_jax.quant.QuantSpec}) holds those weights quantized."""
+
+  def make():
+    model = Transformer(config, rngs=nnx.Rngs(0), **kwargs)
+    return quant.quantize(model, quantized) if quantized else model
+
+  abstract = nnx.eval_shape(make)
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   return graphdef, flat, {param_name(p): v for p, v in flat if isinstance(v, nnx.Param)}
@@ -319,7 +341,8 @@ def _abstract_params(config: ModelConfig, **kwargs):
 
 def model_from_params(config: ModelConfig, params: Mapping[str, Any], *, dtype=jnp.float32,
                       param_dtype=None, remat: str = 'none', attention: str = 'auto',
-                      source: str = 'params', shardings: Any = None) -> Transformer:
+                      source: str = 'params', shardings: Any = None,
+                      quantized: Mapping[str, Any] | None = None) -> Transformer:
   """Builds a Transformer from arrays keyed by dotted name (see `flat_params`), without random
   init: the one way every importer and checkpoint reader makes a model.
 
@@ -328,17 +351,25 @@ def model_from_params(config: ModelConfig, params: Mapping[str, Any], *, dtype=j
   Arrays are stored in `param_dtype` (default `dtype`). `shardings` (see `shardings_by_name`,
   e.g. from `sharding.param_shardings`) places each array straight onto its devices, so a model
   never materialises whole on one device; without it arrays go to the default device.
+  `quantized` ({weight name: gemma_jax.quant.QuantSpec}, e.g. `quant.specs_from_shapes`): those
+  weights come as their low-bit values and `_qscale` scales, kept in their own dtypes.
   """
   param_dtype = param_dtype or dtype
-  graphdef, flat, expected = _abstract_params(config, dtype=dtype, param_dtype=param_dtype,
-                                              remat=remat, attention=attention)
+  graphdef, flat, expected = _abstract_params(config, quantized, dtype=dtype,
+                                              param_dtype=param_dtype, remat=remat,
+                                              attention=attention)
   _check_shapes(config, expected, {k: np.shape(v) for k, v in params.items()}, source)
   placement = shardings_by_name(shardings, list(expected))
   for name, var in expected.items():
     value = params[name]
+    kept = isinstance(var, (quant.QuantizedWeight, quant.QuantScale))
+    value_dtype = var.get_value().dtype if kept else param_dtype
+    if kept and np.dtype(value.dtype) != np.dtype(value_dtype):
+      raise ValueError(f'{source}: quantized parameter {name!r} has dtype {value.dtype}, '
+                       f'expected {np.dtype(value_dtype)}.')
     if placement is None:
-      var.set_value(jnp.asarray(value, param_dtype))
+      var.set_value(jnp.asarray(value, value_dtype))
     else:  # numpy stays on the host until placed; a placed jax.Array is not moved again
       value = value if isinstance(value, jax.Array) else np.asarray(value)
-      var.set_value(jax.device_put(value.astype(param_dtype), placement[name]))
+      var.set_value(jax.device_put(value.astype(value_dtype), placement[name]))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

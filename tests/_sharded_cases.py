@@ -406,12 +406,11 @@ def test_fused_head_loss_on_meshes_equals_single_device_and_reduces_once():
   assert 'all-reduce' in _while_bodies(hlo)[0]
 
 
-def test_lora_train_steps_on_a_mesh_equal_single_device():
-  """LoRA (gemma_jax.lora): adapters trained, base frozen, through the trainer's own jitted step
-  with its shardings on (2,2,2) and (1,2,4), with 2 micro-batches and the head-fused loss: the
-  same losses and adapters as one device."""
+def _lora_steps_equal_single_device(model, shapes, grad_accum_steps):
+  """Adapters trained, base frozen, through the trainer's own jitted step with its shardings on
+  meshes `shapes`, with the head-fused loss: the same losses and adapters as one device, and the
+  frozen base bit-identical. Returns the single-device losses."""
   from gemma_jax import lora, train_state, trainer
-  model = make_model()
   lora.add_lora(model, rank=2, alpha=4.0)
   graphdef, params, frozen, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
   tx = optax.adamw(1e-2)
@@ -419,7 +418,7 @@ def test_lora_train_steps_on_a_mesh_equal_single_device():
 
   def run(mesh):
     step = trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-2),
-                                   grad_accum_steps=2, loss_chunk=8, mesh=mesh)
+                                   grad_accum_steps=grad_accum_steps, loss_chunk=8, mesh=mesh)
     state = train_state.init_state(params, tx, 0, frozen)
     abstract = jax.eval_shape(lambda: state)
     if mesh is None:
@@ -435,11 +434,18 @@ def test_lora_train_steps_on_a_mesh_equal_single_device():
     return losses, state
 
   want_losses, want = run(None)
-  for shape in [(2, 2, 2), (1, 2, 4)]:
+  assert_trees_close(want['frozen'], frozen, rtol=0)
+  for shape in shapes:
     losses, got = run(sh.make_mesh(dict(zip(sh.MESH_AXES, shape))))
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     assert_trees_close(got['params'], want['params'], rtol=1e-5)
     assert_trees_close(got['frozen'], frozen, rtol=0)
+  return want_losses
+
+
+def test_lora_train_steps_on_a_mesh_equal_single_device():
+  """LoRA (gemma_jax.lora) on (2,2,2) and (1,2,4), with 2 micro-batches."""
+  _lora_steps_equal_single_device(make_model(), [(2, 2, 2), (1, 2, 4)], grad_accum_steps=2)
 
 
 def test_train_and_eval_steps_constrain_whoever_traces_them():
@@ -547,3 +553,33 @@ def test_moe_dispatch_sorts_only_its_batch_shards_rows():
   assert sorts == ['32'], sorts
   reference = make()(x, x * 0.5)
   np.testing.assert_allclose(compiled(state, x_sharded), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_greedy_decoding_on_meshes_equals_single_device():
+  """int4 weights (gemma_jax.quant; int8 shares the code) shard by their float weight's logical
+  axes (values and scales alike) and decode on (2,2,2) to the same tokens and logits as one
+  device."""
+  from gemma_jax import quant
+  prompt_BT = jnp.asarray(make_batch(5)['tokens'][:, :8])
+  model = quant.quantize(make_model(), 'int4', 8)
+  want_tokens, want_logits = greedy_decode(model, prompt_BT)
+  tokens, logits = greedy_decode(model, prompt_BT, sh.make_mesh({'data': 2, 'fsdp': 2,
+                                                                 'tensor': 2}))
+  np.testing.assert_array_equal(tokens, want_tokens)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+  # Values [N, D/2, H] and scales [N, D/8, H] take the float weight's rules: N over tensor,
+  # D over fsdp.
+  shardings = sh.param_shardings(nnx.state(model), sh.make_mesh({'data': 1, 'fsdp': 2,
+                                                                  'tensor': 4}))
+  q_einsum = shardings['layers'][0]['attn']['q_einsum']
+  assert q_einsum['w'].get_value().spec == P('tensor', 'fsdp', None)
+  assert q_einsum['w_qscale'].get_value().spec == P('tensor', 'fsdp', None)
+
+
+def test_qlora_train_steps_on_a_mesh_equal_single_device():
+  """QLoRA: adapters over an int4 base (gemma_jax.quant) on (1,2,4) equal one device, and the
+  quantized base stays bit-identical."""
+  from gemma_jax import quant
+  model = quant.quantize(make_model(), 'int4', 8)
+  losses = _lora_steps_equal_single_device(model, [(1, 2, 4)], grad_accum_steps=1)
+  assert losses[1] != losses[0]

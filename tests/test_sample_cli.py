@@ -79,15 +79,21 @@ def test_chat_answers_two_piped_turns(ckpt, tmp_path):
     assert f'> {turn}\n{reply["text"]}\n' in proc.stdout
 
 
-def test_kv_cache_line_leaves_out_kv_shared_layers(tmp_path):
-  """On a tiny random Gemma 4 (its last 2 of 5 layers reuse earlier keys and values) sample.py
-  prints, on stderr, the bytes of the cache the Sampler allocates: only 3 layers' worth."""
+def _tiny_gemma4(directory):
+  """(model, tokenizer path): a tiny random Gemma 4 saved to `directory`, with the quickstart
+  tokenizer (128 pieces: as many rows)."""
   from flax import nnx
   from gemma_jax.config import get_preset
   from gemma_jax.transformer import Transformer
-  tokenizer = _REPO / 'data' / 'quickstart_tokenizer.model'  # 128 pieces: as many rows
   model = Transformer(get_preset('tiny-gemma4').replace(vocab_size=128), rngs=nnx.Rngs(0))
-  checkpoint.save_params(model, tmp_path / 'g4')
+  checkpoint.save_params(model, directory)
+  return model, _REPO / 'data' / 'quickstart_tokenizer.model'
+
+
+def test_kv_cache_line_leaves_out_kv_shared_layers(tmp_path):
+  """On a tiny random Gemma 4 (its last 2 of 5 layers reuse earlier keys and values) sample.py
+  prints, on stderr, the bytes of the cache the Sampler allocates: only 3 layers' worth."""
+  model, tokenizer = _tiny_gemma4(tmp_path / 'g4')
   proc = _run('--ckpt', str(tmp_path / 'g4'), '--tokenizer', str(tokenizer), '--greedy',
               '--max_new_tokens', '4', '--prompt', 'a b c', '--prompt', 'd')
   assert proc.returncode == 0, proc.stderr
@@ -98,6 +104,51 @@ def test_kv_cache_line_leaves_out_kv_shared_layers(tmp_path):
   line = (f'KV cache: {size / 1024:.1f} KiB for batch 2 x 128 tokens (2 of 5 layers share keys '
           'and values: no cache)')
   assert line in proc.stderr.splitlines(), proc.stderr
+
+
+def test_int8_kv_cache_flag(tmp_path):
+  """--cache_dtype int8 on the tiny random Gemma 4: the KV cache line counts int8 keys and values
+  plus a float32 scale per token and kv head, and the greedy tokens equal the library's with an
+  int8 cache."""
+  model, tokenizer = _tiny_gemma4(tmp_path / 'g4')
+  out = tmp_path / 'out.json'
+  proc = _run('--ckpt', str(tmp_path / 'g4'), '--tokenizer', str(tokenizer), '--greedy',
+              '--max_new_tokens', '4', '--prompt', 'a b c', '--prompt', 'd', '--cache_dtype',
+              'int8', '--output_json', str(out))
+  assert proc.returncode == 0, proc.stderr
+  # Per slot: k and v (K x H int8), their scales (K float32 each), the int32 position.
+  size = 2 * (2 * 8 * (2 * 2 * 16 + 2 * 2 * 4 + 4) + 128 * (2 * 1 * 32 + 2 * 1 * 4 + 4)) + 4
+  sampler = Sampler(model, Tokenizer(tokenizer), cache_length=128, cache_dtype='int8')
+  assert size == sampler.cache_bytes(2)
+  assert (f'KV cache: {size / 1024:.1f} KiB for batch 2 x 128 tokens (2 of 5 layers share keys '
+          'and values: no cache)') in proc.stderr.splitlines(), proc.stderr
+  got = [c['tokens'] for c in json.loads(out.read_text())['completions']]
+  assert got == [c.tokens for c in sampler.sample(['a b c', 'd'], 4)]
+
+
+def test_quantize_flag(tmp_path):
+  """--quantize int4 --group_size 8 on the tiny random Gemma 4: the weights are quantized at load
+  (a stderr line says how) and the greedy tokens equal the library's on the same quantized
+  model; a group size that does not divide a weight, or --quantize on a quantized checkpoint,
+  is one line naming the tensor / the checkpoint."""
+  from gemma_jax import quant
+  model, tokenizer = _tiny_gemma4(tmp_path / 'g4')
+  out = tmp_path / 'out.json'
+  proc = _run('--ckpt', str(tmp_path / 'g4'), '--tokenizer', str(tokenizer), '--greedy',
+              '--max_new_tokens', '4', '--prompt', 'a b c', '--quantize', 'int4', '--group_size',
+              '8', '--output_json', str(out))
+  assert proc.returncode == 0, proc.stderr
+  quant.quantize(model, 'int4', 8)
+  assert quant.describe(model) in proc.stderr.splitlines(), proc.stderr
+  sampler = Sampler(model, Tokenizer(tokenizer), cache_length=128)
+  got = [c['tokens'] for c in json.loads(out.read_text())['completions']]
+  assert got == [c.tokens for c in sampler.sample(['a b c'], 4)]
+  checkpoint.save_params(model, tmp_path / 'g4_int4')
+  ck = ['--tokenizer', str(tokenizer), '--prompt', 'x', '--quantize', 'int8']
+  _assert_one_line_error(_run('--ckpt', str(tmp_path / 'g4'), *ck, '--group_size', '24'),
+                         'does not divide axis 0 (length 64) of embedder.per_layer_model_projection.w')
+  _assert_one_line_error(_run('--ckpt', str(tmp_path / 'g4_int4'), *ck, '--group_size', '8'),
+                         'already quantized')
 
 
 def _assert_one_line_error(proc, pattern):
@@ -122,6 +173,7 @@ def test_bad_input_fails_with_one_line(ckpt, tmp_path):
       ([*ck, '--prompt', 'x', '--greedy', '--top_k', '5'], '--greedy cannot be combined'),
       ([*ck, '--prompt', 'x', '--max_new_tokens', '0'], 'max_new_tokens must be >= 1'),
       ([*ck, '--prompt', 'x', '--max_new_tokens', '40000'], 'max_seq_len'),
+      ([*ck, '--prompt', 'x', '--cache_dtype', 'int4'], '--cache_dtype=int4'),
   ]
   for args, pattern in cases:
     _assert_one_line_error(_run(*args), pattern)

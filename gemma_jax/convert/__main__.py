@@ -4,6 +4,12 @@
   python -m gemma_jax.convert --from hf --src hf_dir/ --dst ckpt/ [--dtype bfloat16]
   python -m gemma_jax.convert --from official --src kaggle/gemma2-2b --preset gemma2-2b --dst ckpt/
   python -m gemma_jax.convert --to hf --src ckpt/ --dst hf_out/ [--vocab-size 256000]
+  python -m gemma_jax.convert --from gguf --src model.gguf --dst ckpt_int4/ --quantize int4
+
+`--quantize int8|int4` (with `--from`) writes the weights quantized (gemma_jax.quant: int8 per
+output channel, int4 in groups of `--group-size`, default 128); `load_params` and sample.py read
+such a checkpoint back quantized, and `--to hf` writes it dequantized. A GGUF file's Q8_0 / Q4_0
+tensors are kept as they are (no float round trip; gemma_jax.convert.gguf).
 
 `--from` writes a native checkpoint (gemma_jax.checkpoint: params, config.json and tokenizer.model
 when the source has one); `--to hf` writes safetensors + config.json for transformers. Output is
@@ -24,6 +30,7 @@ import time
 import jax.numpy as jnp
 
 from gemma_jax import checkpoint
+from gemma_jax import quant
 from gemma_jax.convert.export import save_hf
 from gemma_jax.convert.gguf import load_gguf
 from gemma_jax.convert.hf import load_hf
@@ -53,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
                  help='parameter dtype of the native checkpoint (default float32)')
   p.add_argument('--tokenizer', help='tokenizer.model to store with an official or hf import '
                  '(default: tokenizer.model in --src or, for official, its parent folder)')
+  p.add_argument('--quantize', choices=quant.MODES,
+                 help='--from: store the projection weights and embedding quantized')
+  p.add_argument('--group-size', type=int,
+                 help='--quantize: values per scale along the contraction axis (default: int8 '
+                 'per output channel, int4 128; 0: per output channel)')
   p.add_argument('--vocab-size', type=int,
                  help='--to hf: keep only this many embedding rows (256000 for Gemma 1/2 '
                  'checkpoints imported from official ones, whose embedding has 256128)')
@@ -68,6 +80,15 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     p.error('--tokenizer applies to --from official or hf (GGUF files carry their tokenizer)')
   if args.vocab_size is not None and args.target != 'hf':
     p.error('--vocab-size applies to --to hf only')
+  if args.quantize and args.target:
+    p.error('--quantize applies to --from only (--to hf writes float weights)')
+  if args.group_size is not None and not args.quantize:
+    p.error('--group-size needs --quantize')
+  if args.quantize:
+    try:
+      quant.spec(args.quantize, args.group_size)
+    except ValueError as e:
+      p.error(f'--group-size: {e}')
   if args.target and args.dtype != 'float32':
     p.error('--dtype applies to --from only (--to hf keeps the checkpoint dtype)')
   if not os.path.exists(args.src):
@@ -90,11 +111,13 @@ def _load(args):
   """(model, tokenizer or None) from the --from source."""
   dtype = jnp.dtype(args.dtype)
   if args.source == 'gguf':
-    return load_gguf(args.src, dtype=dtype)
+    return load_gguf(args.src, dtype=dtype, quantize=args.quantize, group_size=args.group_size)
   if args.source == 'hf':
     model = load_hf(args.src, dtype=dtype)
   else:
     model = load_official(args.src, args.preset, dtype=dtype)
+  if args.quantize:
+    quant.quantize(model, args.quantize, args.group_size)
   path = _find_tokenizer(args)
   if path is None:
     log.info('no tokenizer.model found; the checkpoint will have none (pass --tokenizer)')
@@ -116,6 +139,9 @@ def convert(args: argparse.Namespace) -> None:
     if args.target == 'hf':
       log.info('loading native checkpoint %s', args.src)
       model = checkpoint.load_params(args.src)
+      if quant.is_quantized(model):
+        log.info('the checkpoint is quantized: writing its dequantized weights (float32)')
+        quant.dequantize(model)
       log.info('writing safetensors and config.json')
       save_hf(model, tmp, vocab_size=args.vocab_size, tokenizer=checkpoint.tokenizer_path(args.src))
     else:
@@ -123,6 +149,8 @@ def convert(args: argparse.Namespace) -> None:
       model, tokenizer = _load(args)
       log.info('model %s: %.1fM parameters; writing native checkpoint (%s)', model.config.name,
                count_params(model) / 1e6, args.dtype)
+      if args.quantize:
+        log.info(quant.describe(model))
       checkpoint.save_params(model, tmp, tokenizer=tokenizer)
     umask = os.umask(0)
     os.umask(umask)

@@ -27,6 +27,22 @@ Gemma 4 (llama.cpp's `Gemma4Model` converter and `src/models/gemma4.cpp`; read, 
   layer scalar. Per-layer input tensors: `per_layer_token_embd` [V, L*I], `per_layer_model_proj`,
   `per_layer_proj_norm`, and per layer `inp_gate`, `proj`, `post_norm`.
 Dequantisation uses the `gguf` package's own routines (`gguf.quants.dequantize`).
+
+Quantized loads (`load_gguf(..., quantize='int8' | 'int4')`, gemma_jax.convert.gguf_quant):
+- Kept exactly, no float round trip: Q8_0 (blocks of 32 int8 values q and an f16 scale d,
+  w = d * q) -> int8 in groups of 32 under 'int8'; Q4_0 (blocks of 32 nibbles, w = d * (nibble -
+  8)) -> int4 in groups of 32 under 'int4', widened to int8 in groups of 32 under 'int8'. The mode
+  sets the bits: under 'int4' a Q8_0 tensor is requantized. f16 scales widen exactly to our
+  float32 ones; `group_size` applies to requantized weights only. GGUF's blocks run along the
+  innermost (input) axis, our contraction axis, so this holds wherever our layout puts each block
+  inside one group along the weight's group axis, which is checked for every weight: an output
+  projection whose heads are narrower than 32 (H % 32 != 0) splits blocks, and a stacked weight
+  (Gemma 1's qkv, k/v, gate/up, split experts) needs all of its tensors exact; other weights are
+  requantized (a log line says so).
+- Requantized: F32, F16, BF16, Q4_1, Q5_0, Q5_1, the K-quants (Q2_K .. Q6_K), the IQ and TQ types
+  are dequantised with gguf's routines and quantized by `quant.quantize`'s rules for the requested
+  mode and group size, with the same result as quantizing the float load.
+- Types gguf cannot dequantise (I8 .. I64, F64, Q8_1, Q8_K, Q1_0): ValueError naming the tensor.
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax import config as config_lib
+from gemma_jax import quant
 from gemma_jax.config import AttentionType, ModelConfig
 
 log = logging.getLogger('gemma_jax.convert')
@@ -232,10 +249,14 @@ def _dequantize(t, path: str) -> np.ndarray:
                      f'package cannot dequantise ({e}).') from e
 
 
-def hf_tensors_from_gguf(reader, path: str, config: ModelConfig) -> dict[str, np.ndarray]:
-  """All tensors dequantised to float32 and renamed to Hugging Face's names and conventions."""
-  tensors = {}
-  for i, t in enumerate(reader.tensors):
+def gguf_sources(reader, path: str, config: ModelConfig
+                 ) -> dict[str, tuple[tuple[Any, ...], bool]]:
+  """{HF name: (its GGUF tensors, whether it is a norm stored as 1 + scale)} of every weight in
+  the file, nothing read yet: one tensor each, two for Gemma 4's split experts (ffn_gate_exps,
+  ffn_up_exps: [E, F, D] each, HF's fused gate_up_proj [E, 2F, D], gate rows first as llama.cpp
+  fuses them). Raises ValueError naming the file and the tensor for a name Gemma does not have."""
+  sources = {}
+  for t in reader.tensors:
     if t.name == 'output.weight':
       log.warning('%s: ignoring output.weight: Gemma ties the output head to token_embd.', path)
       continue
@@ -244,12 +265,34 @@ def hf_tensors_from_gguf(reader, path: str, config: ModelConfig) -> dict[str, np
     hf, is_norm = _hf_name(t.name, config.family)
     if hf is None:
       raise ValueError(f'{path}: unexpected tensor {t.name!r} for a Gemma {config.family} model.')
-    w = _dequantize(t, path)
-    tensors[hf] = w - np.float32(1.0) if is_norm else w
-    if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
-      log.info('%s: dequantised %d/%d tensors', os.path.basename(path), i + 1, len(reader.tensors))
-  if config.family == 4:
-    _fuse_split_experts(tensors, path)
+    sources[hf] = ((t,), is_norm)
+  for gate in [k for k in sources if k.endswith('.experts.gate_proj')]:
+    up = gate[:-len('gate_proj')] + 'up_proj'
+    if up not in sources:
+      raise ValueError(f'{path}: {gate!r} (ffn_gate_exps) has no matching ffn_up_exps.')
+    sources[gate[:-len('gate_proj')] + 'gate_up_proj'] = (
+        sources.pop(gate)[0] + sources.pop(up)[0], False)
+  # A lone up_proj is left for the model builder to report as unexpected.
+  return sources
+
+
+def hf_tensor(source: tuple[tuple[Any, ...], bool], path: str) -> np.ndarray:
+  """One entry of `gguf_sources` dequantised to float32: split experts fused, 1 taken off norms
+  (in float32, as transformers does)."""
+  tensors, is_norm = source
+  parts = [_dequantize(t, path) for t in tensors]
+  w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+  return w - np.float32(1.0) if is_norm else w
+
+
+def hf_tensors_from_gguf(reader, path: str, config: ModelConfig) -> dict[str, np.ndarray]:
+  """All tensors dequantised to float32 and renamed to Hugging Face's names and conventions."""
+  sources = gguf_sources(reader, path, config)
+  tensors = {}
+  for i, (name, source) in enumerate(sources.items()):
+    tensors[name] = hf_tensor(source, path)
+    if (i + 1) % 50 == 0 or i + 1 == len(sources):
+      log.info('%s: dequantised %d/%d tensors', os.path.basename(path), i + 1, len(sources))
   return tensors
 
 
@@ -270,31 +313,29 @@ def _hf_name(name: str, family: int) -> tuple[str | None, bool]:
   return None, False
 
 
-def _fuse_split_experts(tensors: dict[str, np.ndarray], path: str) -> None:
-  """Split expert tensors (ffn_gate_exps, ffn_up_exps: [E, F, D] each) -> HF's fused
-  gate_up_proj [E, 2F, D], gate rows first (llama.cpp fuses them in this order)."""
-  for gate in [k for k in tensors if k.endswith('.experts.gate_proj')]:
-    up = gate[:-len('gate_proj')] + 'up_proj'
-    if up not in tensors:
-      raise ValueError(f'{path}: {gate!r} (ffn_gate_exps) has no matching ffn_up_exps.')
-    tensors[gate[:-len('gate_proj')] + 'gate_up_proj'] = np.concatenate(
-        [tensors.pop(gate), tensors.pop(up)], axis=1)
-  # A lone up_proj is left for model_from_hf_tensors to report as unexpected.
-
-
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardings=None):
+def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None,
+              quantize: str | None = None, group_size: int | None = None, shardings=None):
   """Loads a llama.cpp GGUF file (Gemma 1/2/3/4) as `(Transformer, Tokenizer)`.
 
-  Quantised tensors are dequantised to float32 on the host, then stored in `param_dtype` (default:
-  `dtype`, the compute dtype), each placed on its sharding when `shardings` is given (see
-  `transformer.model_from_params`). Raises ValueError naming the file for a file that is not
-  GGUF, a truncated file, an architecture other than gemma .. gemma4, or a tokenizer whose
-  vocabulary size differs from the embedding's.
+  Float load (`quantize` None): quantised tensors are dequantised to float32 on the host, then
+  stored in `param_dtype` (default: `dtype`, the compute dtype). `quantize` 'int8' / 'int4'
+  (`group_size`: see gemma_jax.quant.spec): projection weights and embedding tables come back
+  quantized by gemma_jax.quant, Q8_0 / Q4_0 tensors without a float round trip (module
+  docstring; gemma_jax.convert.gguf_quant), the rest as `quant.quantize` would make them from the
+  float load; norms stay float. Each array is placed on its sharding when `shardings` is given
+  (see `transformer.model_from_params`; quantized, a dict or State must also name every
+  `_qscale`). Raises ValueError naming the file for a file that is not GGUF, a truncated file, an
+  architecture other than gemma .. gemma4, a tokenizer whose vocabulary size differs from the
+  embedding's, or a tensor type the gguf package cannot dequantise.
   """
   from gemma_jax.convert.gguf_tokenizer import sentencepiece_model_from_gguf
   from gemma_jax.convert.hf import model_from_hf_tensors
   from gemma_jax.tokenizer import Tokenizer
 
+  if quantize is None and group_size is not None:
+    raise ValueError(f'load_gguf: group_size={group_size} needs quantize=\'int8\' or \'int4\'.')
+  if quantize is not None:
+    quant.spec(quantize, group_size)  # a bad mode or group size fails before the file is read
   path = os.fspath(path)
   reader = open_gguf(path)
   config = config_from_gguf(reader, path)
@@ -306,6 +347,11 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, s
   log.info('%s: %s (%d layers, D=%d, V=%d)', os.path.basename(path), config.name,
            config.num_layers, config.embed_dim, config.vocab_size)
   tokenizer = Tokenizer(sentencepiece_model_from_gguf(reader), source=path)
+  if quantize is not None:
+    from gemma_jax.convert.gguf_quant import load_quantized  # pylint: disable=g-import-not-at-top
+    model = load_quantized(reader, path, config, quantize, group_size, dtype=dtype,
+                           param_dtype=param_dtype or dtype, shardings=shardings)
+    return model, tokenizer
   tensors = hf_tensors_from_gguf(reader, path, config)
   model = model_from_hf_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype or dtype,
                                 source=path, shardings=shardings)
