@@ -19,7 +19,7 @@ Config reference (every key; configs/*.py start from `base_config()` and overrid
                       the environment variable GEMMA_JAX_ATTENTION overrides it)
   model.quantize      '' | 'int8' | 'int4': hold the base weights quantized (gemma_jax.quant) and
                       train LoRA adapters over them (QLoRA; needs lora.rank > 0)
-  model.quant_group_size   -1 = the mode's default (int8: per output channel, int4: 128);
+  model.quant_group_size   -1 = the default of gemma_jax.quant (groups of 32);
                       0 = per output channel; g = groups of g along the contraction axis
   model.export_quantized   False: WORKDIR/final is the merged float model; True: the merged
                       model quantized again with model.quantize

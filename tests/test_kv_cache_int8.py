@@ -130,7 +130,7 @@ def _rel(a, b):
   return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize('name', TINY)
+@pytest.mark.parametrize('name', TINY[1:])  # Gemma 4 (shared keys and values) covers Gemma 3's paths
 def test_int8_logits_do_not_depend_on_chunking(tiny_models, name):
   """A chunk attends over its own tokens quantized, as later tokens see them: one 40-token
   prefill and a 24-token prefill then 16 single steps give the same logits."""
@@ -140,7 +140,7 @@ def test_int8_logits_do_not_depend_on_chunking(tiny_models, name):
   assert _rel(steps, whole) <= 1e-5
 
 
-@pytest.mark.parametrize('name', TINY)
+@pytest.mark.parametrize('name', TINY[1:])
 def test_int8_logits_close_to_float_cache(tiny_models, name):
   """Teacher-forced through a 24-token prefill and 16 decode steps: the int8 cache's logits stay
   within 10% (max|delta| / max|ref|) of the float32 cache's, and within 4x the bf16 cache's error

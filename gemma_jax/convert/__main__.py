@@ -6,8 +6,8 @@
   python -m gemma_jax.convert --to hf --src ckpt/ --dst hf_out/ [--vocab-size 256000]
   python -m gemma_jax.convert --from gguf --src model.gguf --dst ckpt_int4/ --quantize int4
 
-`--quantize int8|int4` (with `--from`) writes the weights quantized (gemma_jax.quant: int8 per
-output channel, int4 in groups of `--group-size`, default 128); `load_params` and sample.py read
+`--quantize int8|int4` (with `--from`) writes the weights quantized (gemma_jax.quant: a scale per
+group of `--group-size` inputs, default 32); `load_params` and sample.py read
 such a checkpoint back quantized, and `--to hf` writes it dequantized. A GGUF file's Q8_0 / Q4_0
 tensors are kept as they are (no float round trip; gemma_jax.convert.gguf).
 
@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--quantize', choices=quant.MODES,
                  help='--from: store the projection weights and embedding quantized')
   p.add_argument('--group-size', type=int,
-                 help='--quantize: values per scale along the contraction axis (default: int8 '
-                 'per output channel, int4 128; 0: per output channel)')
+                 help='--quantize: values per scale along the contraction axis (default 32; '
+                 '0: per output channel)')
   p.add_argument('--vocab-size', type=int,
                  help='--to hf: keep only this many embedding rows (256000 for Gemma 1/2 '
                  'checkpoints imported from official ones, whose embedding has 256128)')
