@@ -162,9 +162,8 @@ class Sampler:
   sampler holds the model's parameters as they are at construction (create a new Sampler to
   sample from updated weights). `tokenizer` (a `gemma_jax.tokenizer.Tokenizer`) may be None: then
   prompts must be token-id lists, nothing stops a row but `stop_tokens`, and texts are None.
-  `cache_dtype`: the KV cache's storage dtype, by default the model's compute dtype; 'int8'
-  (or jnp.int8) stores keys and values quantized per token and head, at about half the bytes of
-  bfloat16 (gemma_jax.attention). `stream_chunk`: decode steps per streamed piece.
+  `cache_dtype`: the KV cache's dtype (default: the compute dtype); 'int8' quantizes keys and
+  values per token and head (gemma_jax.attention). `stream_chunk`: decode steps per piece.
   """
 
   def __init__(self, model, tokenizer=None, *, cache_length: int = 1024, cache_dtype=None,
@@ -192,9 +191,8 @@ class Sampler:
 
   def cache_bytes(self, batch_size: int = 1) -> int:
     """Bytes of the KV cache this sampler allocates for `batch_size` rows of `cache_length`
-    tokens: keys, values (and their scales in an int8 cache) and slot positions of every layer that
-    keeps a cache (Gemma 4's KV-shared layers keep none). Read from the cache's shapes; nothing is
-    allocated."""
+    tokens: keys, values (int8: and scales), slot positions of every layer that keeps a cache
+    (Gemma 4's KV-shared layers keep none), read from shapes; nothing is allocated."""
     shapes = jax.eval_shape(
         lambda: self.model.init_cache(batch_size, self.cache_length, self.cache_dtype))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))

@@ -293,15 +293,15 @@ def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh,
 
 
 def cache_shardings(cache: Any, mesh: Mesh, rules: ShardingRules | Mapping | None = None) -> Any:
-  """Shardings for `Transformer.init_cache(...)`: k/v [B,S,K,H] over (batch, -, kv_heads, -)
-  (an int8 cache's k_scale/v_scale [B,S,K] likewise), pos [B,S] over batch, end_index replicated. Use as jit in/out shardings when sampling."""
+  """Shardings (jit in/out) for `Transformer.init_cache(...)`: k/v [B,S,K,H] and an int8 cache's
+  scales [B,S,K] over (batch, -, kv_heads), pos [B,S] over batch, end_index replicated."""
   rules = as_rules(rules)
 
   def f(path, x):
     name = getattr(path[-1], 'key', None)
     if name in ('k', 'v'):
       axes = ('batch', 'length', 'kv_heads', 'head_dim')
-    elif name in ('k_scale', 'v_scale'):  # an int8 cache's scales, one per token and kv head
+    elif name in ('k_scale', 'v_scale'):
       axes = ('batch', 'length', 'kv_heads')
     elif name == 'pos':
       axes = ('batch', 'length')
