@@ -2,7 +2,9 @@ r"""Fine-tunes a Gemma model as one config file describes.
 
   python train.py --config=configs/quickstart.py --workdir=/tmp/run [--config.steps=100 ...]
 
-Rerunning the same command resumes from the newest checkpoint in --workdir. Every config key is
+Rerunning the same command resumes from the newest intact checkpoint in --workdir. SIGTERM (a
+preemption) or Ctrl-C saves a checkpoint at the step reached and exits with status 75
+(gemma_jax.preemption.EXIT_CODE); a second Ctrl-C stops at once. Every config key is
 listed in gemma_jax/train_config.py; `--config.a.b=value` overrides one (unknown keys fail here,
 before any work). The final params-only checkpoint for sample.py lands in WORKDIR/final.
 """
@@ -16,6 +18,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from gemma_jax import distributed
+from gemma_jax import preemption
+from gemma_jax import train_checkpoints
 from gemma_jax import train_config
 from gemma_jax import trainer
 
@@ -66,7 +70,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   try:
     trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (train_config.ConfigError, trainer.NonFiniteLossError) as e:
+  except trainer.Preempted as e:  # every process says so: each names the signal it saw
+    print(f'train.py: {e}', file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
+  except (train_config.ConfigError, trainer.NonFiniteLossError, train_checkpoints.CheckpointError,
+          train_checkpoints.CheckpointSaveError) as e:
     print(f'train.py: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 

@@ -1,5 +1,4 @@
-"""Native checkpoints: params-only directories (what sample.py reads) and the trainer's
-train-state checkpoints (what a rerun resumes from).
+"""Native checkpoints: params-only directories (what sample.py reads and a training job exports).
 
 Layout of a checkpoint directory (what `sample.py --ckpt DIR` and `load_params` read):
 ```
@@ -11,10 +10,8 @@ DIR/tokenizer.model   SentencePiece model (when one was given)
 Parameter paths mirror `nnx.state(model, nnx.Param)` (layer indices as strings), so the tree is the
 model's own and restoring it is a lookup, with no renaming.
 
-Train-state checkpoints live in WORKDIR/checkpoints, one Orbax step directory each: the train state
-(step, params, optimiser state, rng; a LoRA job's frozen base weights are left out and read again
-from model.init), the data-iterator state and the config. `export_params` writes the job's final
-params-only checkpoint, WORKDIR/final.
+`export_params` writes a training job's final params-only checkpoint, WORKDIR/final. The job's
+train-state checkpoints (what a rerun resumes from) are gemma_jax/train_checkpoints.py.
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ from gemma_jax.transformer import (Transformer, check_param_shapes, model_from_p
 CONFIG_FILE = 'config.json'
 PARAMS_DIR = 'params'
 TOKENIZER_FILE = 'tokenizer.model'
-TRAIN_CHECKPOINT_DIR = 'checkpoints'  # under a training job's workdir
 EXPORT_DIR = 'final'  # under a training job's workdir: export_params
 
 
@@ -99,16 +95,24 @@ def save_params(model: Transformer, directory: str | os.PathLike, tokenizer: Any
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
-  """The ModelConfig stored in a checkpoint directory."""
+  """The ModelConfig stored in a checkpoint directory; ValueError naming the file for one that is
+  not JSON, not a ModelConfig, or holds a value of the wrong type or out of range."""
+  from gemma_jax.convert.config_checks import check_config  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(os.fspath(directory), CONFIG_FILE)
   if not os.path.isfile(path):
     raise ValueError(f'{directory}: no {CONFIG_FILE}; is this a gemma_jax checkpoint directory '
                      '(written by save_params or `python -m gemma_jax.convert`)?')
-  with open(path) as f:
-    try:
-      return ModelConfig.from_dict(json.load(f))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-      raise ValueError(f'{path}: not a valid ModelConfig: {e}') from e
+  with open(path, 'rb') as f:
+    try:  # JSON and UTF-8 errors are ValueErrors
+      fields = json.loads(f.read().decode('utf-8'))
+      if not isinstance(fields, dict):
+        raise TypeError(f'expected a JSON object, got {type(fields).__name__}')
+      config = ModelConfig.from_dict(fields)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+      raise ValueError(f'{path}: not a valid ModelConfig: {type(e).__name__}: {e}') from None
+  check_config(config, path)
+  return config
 
 
 def tokenizer_path(directory: str | os.PathLike) -> str | None:
@@ -137,8 +141,17 @@ def load_params(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
   checkpointer = ocp.StandardCheckpointer()
   try:
     saved = flatten(checkpointer.metadata(params_dir).item_metadata.tree)
-  except (FileNotFoundError, ValueError, AttributeError) as e:
-    raise ValueError(f'{params_dir}: unreadable Orbax checkpoint ({e}).') from e
+  except Exception as e:  # Orbax and TensorStore raise many kinds on damaged files
+    raise ValueError(f'{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: '
+                     f'{" ".join(str(e).split())[:300]}).') from e
+  broken = sorted(n for n, m in saved.items() if not hasattr(m, 'shape') or not hasattr(m, 'dtype'))
+  if broken:
+    raise ValueError(f'{params_dir}: unreadable Orbax checkpoint (no array metadata for '
+                     f'{broken[:3]}).')
+  layers = {n.split('.')[1] for n in saved if n.startswith('layers.')}
+  if config.num_layers > len(layers):  # before a model of the config's layers is even traced
+    raise ValueError(f'{params_dir}: its {CONFIG_FILE} says {config.num_layers} layers but the '
+                     f'checkpoint holds only {len(layers)}.')
   quantized = check_param_shapes(config, {n: tuple(m.shape) for n, m in saved.items()},
                                  f'{params_dir} (checked against its {CONFIG_FILE})')
   # Quantized weights and their scales (gemma_jax.quant) keep their saved dtypes.
@@ -151,52 +164,16 @@ def load_params(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
   target = nest({n: jax.ShapeDtypeStruct(
       saved[n].shape, saved[n].dtype if n in kept else jnp.dtype(param_dtype),
       sharding=placement[n]) for n in names})
-  restored = flatten(checkpointer.restore(params_dir, target))
+  try:
+    restored = flatten(checkpointer.restore(params_dir, target))
+  except Exception as e:  # TensorStore's errors on damaged or missing chunk files
+    raise ValueError(f'{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: '
+                     f'{" ".join(str(e).split())[:300]}).') from e
   return model_from_params(config, restored, dtype=dtype or param_dtype, param_dtype=param_dtype,
                            source=params_dir, shardings=placement, quantized=quantized)
 
 
 # ---------------------------------------------------------------------------------------------
-# Train-state checkpoints (the trainer's).
-
-
-def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  """Async Orbax manager over WORKDIR/checkpoints keeping the newest `keep` steps.
-
-  Orbax writes each step to a temporary directory and renames it when complete, so a save that
-  was killed midway is never listed, hence never restored.
-  """
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                         create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_DIR),
-                               options=options)
-
-
-def save_train_state(manager: ocp.CheckpointManager, step: int, state: Mapping[str, Any],
-                     data_state: Any, config: Mapping[str, Any]) -> None:
-  """Starts an async save of the train state (without a LoRA job's frozen base weights), the
-  data-iterator state and the config (a plain dict)."""
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_saved(state)),
-      data=ocp.args.JsonSave(data_state),
-      config=ocp.args.JsonSave(dict(config))))
-
-
-def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-                        shardings: Any) -> tuple[dict[str, Any], Any]:
-  """(train state placed on `shardings`, data-iterator state) saved at `step` (without 'frozen':
-  a LoRA job reads its base weights from model.init again)."""
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        _saved(abstract_state), _saved(shardings))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-  return restored['state'], restored['data']
-
-
-def _saved(state: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: v for k, v in state.items() if k != 'frozen'}
-
-
 def export_params(model: Transformer, workdir: str, tokenizer: Any = None, *,
                   quantize: tuple[str, int | None] | None = None) -> str:
   """Writes the job's final params-only checkpoint (+ tokenizer.model) for sample.py to

@@ -4,7 +4,7 @@ prompts answered greedily by the sampler (the quickstart's before/after figure).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -23,19 +23,23 @@ if TYPE_CHECKING:
 
 def held_out_loss(eval_step, params: nnx.State, batches: Iterator[Mapping[str, np.ndarray]],
                   mesh: Mesh, rules: sharding.ShardingRules,
-                  frozen: nnx.State | None = None) -> dict[str, float]:
-  """Mean loss and token accuracy over the target tokens of `batches` (`eval_step` from
-  `trainer.make_eval_step`); {} when there are no batches."""
+                  frozen: nnx.State | None = None, reference: nnx.State | None = None, *,
+                  metrics: Callable[[Mapping[str, Any], float], Mapping[str, Any]] | None = None,
+                  ) -> dict[str, float]:
+  """Mean loss and the objective's metrics over `batches` (`eval_step` from
+  `trainer.make_eval_step`, `metrics` the objective's; default SFT's token accuracy), per target
+  token (SFT) or pair (DPO); {} when there are no batches."""
   totals = None
   for batch in batches:
-    out = eval_step(params, distributed.put_batch(batch, mesh, rules), frozen)
+    out = eval_step(params, distributed.put_batch(batch, mesh, rules), frozen, reference)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
     return {}
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {'loss': float(totals['loss_sum']) / count,
-          'accuracy': float(totals['correct_sum']) / count}
+  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  count = max(totals.pop('count'), 1.0)
+  loss_sum = totals.pop('loss_sum')
+  metrics = metrics or (lambda sums, n: {'accuracy': sums['correct_sum'] / n})
+  return {'loss': loss_sum / count, **{k: float(v) for k, v in metrics(totals, count).items()}}
 
 
 def split_prompt_reference(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict], str]:
@@ -54,15 +58,20 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def exact_match_examples(config: ml_collections.ConfigDict) -> list[tuple[list[dict], str]]:
-  """The first `exact_match.examples` held-out conversations as (prompt messages, answer)."""
+  """The first `exact_match.examples` held-out conversations as (prompt messages, answer); for
+  preference pairs (objective 'dpo') the answer is the chosen reply."""
   n = config.exact_match.examples
   if not n:
     return []
   if config.data.source != 'jsonl' or not config.data.eval_path:
     raise ConfigError('config.exact_match.examples > 0 needs JSONL held-out data '
                       "(data.source='jsonl' and data.eval_path).")
-  from gemma_jax import data as data_lib  # pylint: disable=g-import-not-at-top (grain)
-  records = data_lib.read_jsonl(config.data.eval_path, config.data)[:n]
+  if config.objective == 'dpo':
+    from gemma_jax import preference_data  # pylint: disable=g-import-not-at-top (grain)
+    pairs = preference_data.read_preference_jsonl(config.data.eval_path, config.data)[:n]
+    return [(prompt, chosen) for _, (prompt, chosen, _) in pairs]
+  from gemma_jax import data_sources  # pylint: disable=g-import-not-at-top (grain)
+  records = data_sources.read_jsonl(config.data.eval_path, config.data)[:n]
   return [split_prompt_reference(messages) for _, messages in records]
 
 

@@ -1,4 +1,5 @@
-"""Token cross-entropy for SFT: over whole logits, or fused with the output head in chunks.
+"""Token cross-entropy for SFT (over whole logits, or fused with the output head in chunks), and
+per-sequence log-probabilities for preference losses.
 
 The output head of a 256K-vocabulary model makes the biggest activation of a training step: the
 float32 logits [B, T, V] (16.8 GB for 8 x 2048 tokens), kept for the backward pass together with
@@ -37,6 +38,15 @@ def token_loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.A
   loss_BT, correct_BT, _, _ = _token_stats(logits_BTV.astype(jnp.float32), targets_BT)
   mask_BT = mask_BT.astype(jnp.float32)
   return jnp.sum(loss_BT * mask_BT), jnp.sum(correct_BT * mask_BT)
+
+
+def sequence_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Float32 log-probability of each row's targets where `mask_BT` is 1, summed per row, and
+  the number of those targets: `(logp_B, count_B)` (the sequence scores of preference losses)."""
+  loss_BT = _token_stats(logits_BTV.astype(jnp.float32), targets_BT)[0]
+  mask_BT = mask_BT.astype(jnp.float32)
+  return -jnp.sum(loss_BT * mask_BT, axis=-1), jnp.sum(mask_BT, axis=-1)
 
 
 def _token_stats(logits_BTV, targets_BT):

@@ -97,7 +97,7 @@ class MetricsWriter:
     self._file.flush()
     if self._tb is not None:
       for k, v in record.items():
-        if k != 'step':
+        if k not in ('step', 'batch_crc32'):  # the batch's checksum is a record, not a curve
           self._tb.add_scalar(f'{prefix}/{k.removeprefix("eval_")}', v, record['step'])
       self._tb.flush()
 

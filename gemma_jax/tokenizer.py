@@ -177,6 +177,19 @@ class Tokenizer:
         self._sp.Load(os.fspath(model))
       except (RuntimeError, OSError) as e:
         raise ValueError(f'{self.source}: not a valid SentencePiece model: {e}') from e
+    try:
+      self._init_pieces(empty_thought_channel)
+    except UnicodeDecodeError as e:  # a damaged file: SentencePiece does not check the pieces
+      raise ValueError(f'{self.source}: not a valid SentencePiece model: a piece is not UTF-8 '
+                       f'({e}).') from None
+
+  def _init_pieces(self, empty_thought_channel: bool | None) -> None:
+    """Special ids, the chat format and the special-piece matcher, from the loaded model."""
+    proto = sp_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
+    missing = [f for f in ('trainer_spec', 'normalizer_spec') if not proto.HasField(f)]
+    if missing:  # Protobuf has no end marker: a file cut between two pieces parses, shorter.
+      raise ValueError(f'{self.source}: not a valid SentencePiece model: it has no {missing[0]} '
+                       '(a truncated file?).')
     for attr, piece in _REQUIRED_PIECES.items():
       setattr(self, attr, self._lookup(piece))
     gemma4 = all(self._has(p) for p in _TURN_PIECES['gemma4'])

@@ -3,9 +3,15 @@
 Config reference (every key; configs/*.py start from `base_config()` and override):
   steps, batch_size (global, per optimizer step), seq_len, learning_rate (peak), seed,
   log_every, eval_every (0 = no eval), eval_batches (held-out batches per eval),
-  checkpoint_every, keep_checkpoints (Orbax max_to_keep).
+  checkpoint_every, keep_checkpoints (the newest intact train-state checkpoints kept).
+  objective           'sft' (supervised fine-tuning) | 'dpo' (preference pairs, config.dpo.*;
+                      gemma_jax.objectives)
+  dpo.loss            'sigmoid' (DPO) | 'ipo' | 'simpo' (reference-free); dpo.beta (> 0),
+                      dpo.label_smoothing (conservative DPO / SimPO, in [0, 0.5)),
+                      dpo.simpo_gamma (SimPO's target margin)
   loss_chunk          0 = the loss reads whole [B, T, V] logits; n > 0 = the output head is fused
-                      into the loss, n tokens at a time (gemma_jax.loss: saves the logits' memory)
+                      into the loss, n tokens at a time (gemma_jax.loss: saves the logits' memory;
+                      objective 'sft' only)
   model.preset        a name from gemma_jax.config.PRESETS
   model.vocab_size    0 = the preset's; else override it (a model for a small tokenizer)
   model.init          'none' (random, seed) | 'native' (save_params dir) | 'hf' (save_pretrained
@@ -23,7 +29,7 @@ Config reference (every key; configs/*.py start from `base_config()` and overrid
                       0 = per output channel; g = groups of g along the contraction axis
   model.export_quantized   False: WORKDIR/final is the merged float model; True: the merged
                       model quantized again with model.quantize
-  data.*              gemma_jax.data.DEFAULT_CONFIG
+  data.*              DATA_DEFAULTS below (gemma_jax.data_sources)
   optimizer.*         gemma_jax.optim: name adamw|adafactor, b1, b2, eps, weight_decay,
                       weight_decay_exclude (regex on dotted param names), warmup_steps (a warmup
                       longer than `steps` is shortened to `steps`, with a warning),
@@ -43,6 +49,7 @@ Config reference (every key; configs/*.py start from `base_config()` and overrid
 from __future__ import annotations
 
 import copy
+import math
 import re
 import sys
 import types
@@ -55,17 +62,19 @@ from flax import nnx
 
 from gemma_jax import config as config_lib
 from gemma_jax import lora as lora_lib
+from gemma_jax import objectives
 from gemma_jax import optim
 from gemma_jax import quant
 from gemma_jax import sharding
 from gemma_jax.attention import ATTENTION_IMPLS
+from gemma_jax.objectives import dpo
 from gemma_jax.transformer import REMAT_POLICIES, Transformer
 
 if TYPE_CHECKING:
   import ml_collections
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# The data group (read by gemma_jax.data, which takes it as its DEFAULT_CONFIG).
+# The data group (read by gemma_jax.data_sources, which takes it as its DEFAULT_CONFIG).
 DATA_DEFAULTS = {
     'source': 'jsonl',            # 'jsonl' | 'tfds'
     'path': '',                   # jsonl: training file
@@ -77,6 +86,8 @@ DATA_DEFAULTS = {
     'messages_field': 'messages',  # field holding a list of {'role', 'content'} turns
     'prompt_field': 'prompt',     # fields used when a record has no messages_field
     'response_field': 'response',
+    'chosen_field': 'chosen',     # preference pairs (objective 'dpo'): the two replies
+    'rejected_field': 'rejected',
     'packing': True,              # first-fit pack examples into rows
     'truncate': 'truncate',       # 'truncate' (keep the start) | 'drop' examples over seq_len
 }
@@ -92,7 +103,8 @@ def defaults() -> dict[str, Any]:
   return {
       'steps': 1000, 'batch_size': 8, 'seq_len': 512, 'learning_rate': 1e-4, 'seed': 0,
       'log_every': 10, 'eval_every': 200, 'eval_batches': 20, 'checkpoint_every': 200,
-      'keep_checkpoints': 3, 'loss_chunk': 0,
+      'keep_checkpoints': 3, 'loss_chunk': 0, 'objective': 'sft',
+      'dpo': dict(loss='sigmoid', beta=0.1, label_smoothing=0.0, simpo_gamma=0.5),
       'model': dict(preset='tiny-gemma3', vocab_size=0, init='none', init_path='', tokenizer='',
                     dtype='float32', param_dtype='float32', remat='none', attention='auto',
                     quantize='', quant_group_size=-1, export_quantized=False),
@@ -156,23 +168,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = c[key] if '.' not in key else c[key.split('.')[0]][key.split('.')[1]]
     if int(value) < 1:
       raise ConfigError(f'config.{key}={value} must be >= 1.')
+  if not (isinstance(c.learning_rate, (int, float)) and math.isfinite(c.learning_rate)
+          and c.learning_rate > 0):
+    raise ConfigError(f'config.learning_rate={c.learning_rate} must be a finite number > 0.')
   if c.loss_chunk < 0:
     raise ConfigError(f'config.loss_chunk={c.loss_chunk} must be >= 0 (0 = unfused loss).')
   if c.eval_every < 0 or c.eval_batches < 1:
     raise ConfigError(f'config.eval_every={c.eval_every} must be >= 0 and config.eval_batches='
                       f'{c.eval_batches} >= 1.')
+  _check_objective(c)
   if c.batch_size % c.optimizer.grad_accum_steps:
     raise ConfigError(f'config.batch_size={c.batch_size} is not a multiple of '
                       f'config.optimizer.grad_accum_steps={c.optimizer.grad_accum_steps}.')
-  from gemma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from gemma_jax import data_sources  # pylint: disable=g-import-not-at-top (imports this module)
   try:
     config_lib.get_preset(c.model.preset)
-    data_lib.resolve_config(c.data)
+    data_sources.resolve_config(c.data)
     optim.make_optimizer(c)
-    sharding.mesh_shape(c.mesh, jax.device_count())
-    sharding.ShardingRules.from_config(c.sharding_rules)
+    mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(c.mesh, jax.device_count())))
+    rules = sharding.ShardingRules.from_config(c.sharding_rules)
   except ValueError as e:
     raise ConfigError(f'config: {e}') from None
+  _check_batch_fits(c, mesh, rules)
   for key in ('dtype', 'param_dtype'):
     if c.model[key] not in DTYPES:
       raise ConfigError(f'config.model.{key}={c.model[key]!r}; expected one of {list(DTYPES)}.')
@@ -207,6 +224,41 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     print(f'Warning: config.optimizer.warmup_steps={c.optimizer.warmup_steps} exceeds '
           f'steps={c.steps}; warming up over all {c.steps} steps instead.', file=sys.stderr,
           flush=True)
+
+
+def _check_objective(c: ml_collections.ConfigDict) -> None:
+  if c.objective not in objectives.OBJECTIVES:
+    raise ConfigError(f'config.objective={c.objective!r}; expected one of '
+                      f'{sorted(objectives.OBJECTIVES)}.')
+  if c.objective == 'sft':
+    return
+  if c.loss_chunk:
+    raise ConfigError(f'config.loss_chunk={c.loss_chunk} fuses the output head into the SFT '
+                      f'loss only; set it to 0 for objective {c.objective!r}.')
+  if c.objective == 'dpo':
+    if c.dpo.loss not in dpo.LOSSES:
+      raise ConfigError(f'config.dpo.loss={c.dpo.loss!r}; expected one of {list(dpo.LOSSES)}.')
+    if not c.dpo.beta > 0:
+      raise ConfigError(f'config.dpo.beta={c.dpo.beta} must be > 0.')
+    if not 0 <= c.dpo.label_smoothing < 0.5:
+      raise ConfigError(f'config.dpo.label_smoothing={c.dpo.label_smoothing} must be in [0, 0.5).')
+
+
+def _check_batch_fits(c: ml_collections.ConfigDict, mesh: dict[str, int],
+                      rules: sharding.ShardingRules) -> None:
+  """The global batch must split evenly over the processes and the mesh axes that shard it; a
+  resumed job on another slice keeps its batch_size, so this is where a mismatch is caught."""
+  n = jax.process_count()
+  if c.batch_size % n:
+    raise ConfigError(f'config.batch_size={c.batch_size} does not split evenly over the {n} '
+                      'processes of this job; keep the global batch size by running on a process '
+                      'count that divides it.')
+  axes = [a for a in rules.batch if mesh.get(a, 1) > 1]
+  shards = math.prod(mesh[a] for a in axes)
+  if c.batch_size % shards:
+    raise ConfigError(f'config.batch_size={c.batch_size} does not split evenly over the {shards} '
+                      f'batch shards of the mesh ({" x ".join(f"{a}={mesh[a]}" for a in axes)}, '
+                      f'{jax.device_count()} devices); choose config.mesh so that they divide it.')
 
 
 def model_config(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:

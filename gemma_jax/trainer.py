@@ -1,4 +1,4 @@
-"""SFT trainer: the loss, the jitted train and eval steps, and the training loop.
+"""The trainer: the jitted train and eval steps around an objective's loss, and the training loop.
 
 `train_step(state, batch) -> (state, metrics)` is one pure function over the train state
 (gemma_jax.train_state), jitted once with explicit shardings (from gemma_jax.sharding's rules
@@ -8,9 +8,10 @@ k-times larger batch. The steps enter their mesh and rules themselves while trac
 (`sharding.tracing_under`), so they are correct whoever traces them.
 
 `train(config, workdir)` runs the whole job as a short sequence of steps, each in the module that
-owns it: the config (train_config), the model and tokenizer (initial_weights), the train state
-(train_state), the data (data), checkpoints (checkpoint) and evaluation (evaluate).
-gemma_jax/train_config.py lists every config key.
+owns it: the config (train_config), the objective with its loss and batches (objectives), the
+model and tokenizer (initial_weights), the train state (train_state), checkpoints
+(train_checkpoints; the final export: checkpoint), stopping on a signal (preemption) and
+evaluation (evaluate). gemma_jax/train_config.py lists every config key.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from gemma_jax import distributed
 from gemma_jax import evaluate
 from gemma_jax import initial_weights
 from gemma_jax import metrics as metrics_lib
+from gemma_jax import objectives
+from gemma_jax import preemption
 from gemma_jax import sharding
 from gemma_jax import train_config
 from gemma_jax import train_state
-from gemma_jax.layers import weight
-from gemma_jax.loss import head_loss_sums, token_loss_sums
+from gemma_jax.objectives import sft
+from gemma_jax.train_checkpoints import TrainCheckpoints
 from gemma_jax.train_state import State, state_shardings
 
 if TYPE_CHECKING:
@@ -49,50 +52,67 @@ class NonFiniteLossError(RuntimeError):
   """Raised when a step's loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
 
 
+class Preempted(Exception):
+  """The job stopped on SIGTERM/SIGINT after saving a checkpoint at `step` (see
+  gemma_jax.preemption; train.py exits with preemption.EXIT_CODE). Rerunning resumes there."""
+
+  def __init__(self, step: int, signal_name: str, directory: str, saved: bool = True):
+    if saved:
+      text = f'after step {step}; its checkpoint is saved in {directory}'
+    else:  # before the first step of this run: nothing new to save
+      text = f'before step {step + 1}; nothing new to save'
+    super().__init__(f'Stopped by {signal_name} {text}. Rerun the same command to resume from '
+                     f'{"step " + str(step) if step else "the start"}.')
+    self.step = step
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss and steps (pure functions of pytrees).
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0,
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0, objective=None,
                  ) -> Callable[..., Any]:
-  """`loss_fn(params, batch, num_targets, frozen=None) -> (loss_sum / num_targets, correct_sum)`.
+  """`loss_fn(params, batch, count, frozen=None, reference=None) -> (loss_sum / count, aux)`.
 
-  `frozen`: the base weights of a LoRA model (`params` are then its adapters; see
-  gemma_jax.lora), None otherwise. `loss_chunk` > 0 fuses the output head into the loss, that
-  many tokens at a time (gemma_jax.loss.head_loss_sums): the [B, T, V] logits are never made whole.
+  `objective` (gemma_jax.objectives; default SFT with `loss_chunk`, whose aux is the count of
+  top-1 hits) gives the loss sum and its aux (the metrics' sums); `count` is its
+  normaliser over the whole batch. `frozen`: the base weights of a LoRA model (`params` are then
+  its adapters; see gemma_jax.lora), None otherwise. An objective that needs a reference model
+  gets the initial weights: `reference` (a frozen copy of the full parameters) when given, else
+  with LoRA the same model with its adapters set to zero (the frozen base).
   """
+  objective = objective or sft.SFT(loss_chunk)
 
-  def loss_fn(params, batch, num_targets, frozen=None):
-    model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]), rest)
-    out, _ = model(batch['tokens'], positions=batch['positions'],
-                   segment_ids=batch['segment_ids'], return_hidden=loss_chunk > 0)
-    if loss_chunk > 0:
-      table_VD = weight(model.embedder, 'input_embedding', model.dtype)
-      loss_sum, correct_sum = head_loss_sums(out, table_VD, batch['targets'], batch['loss_mask'],
-                                             chunk=loss_chunk,
-                                             cap=model.config.final_logit_soft_cap)
-    else:
-      loss_sum, correct_sum = token_loss_sums(out, batch['targets'], batch['loss_mask'])
-    return loss_sum / num_targets, correct_sum
+  def loss_fn(params, batch, count, frozen=None, reference=None):
+    base = [] if frozen is None else [frozen]
+    model = nnx.merge(graphdef, params, *base, rest)
+    ref_model = None
+    if objective.needs_reference:
+      ref = reference if reference is not None else jax.tree.map(jnp.zeros_like, params)
+      ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(ref), *base, rest)
+    loss_sum, aux = objective.loss_sums(model, ref_model, batch)
+    return loss_sum / count, aux
 
   return loss_fn
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum_steps: int = 1, loss_chunk: int = 0,
-                    mesh: Mesh | None = None, rules: sharding.ShardingRules | None = None,
+                    objective=None, mesh: Mesh | None = None,
+                    rules: sharding.ShardingRules | None = None,
                     ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
   """The pure (unjitted) train step.
 
-  The loss is the mean cross-entropy over all target tokens of the batch (`loss_mask` == 1). With
-  `grad_accum_steps` = k the batch's rows are split into k micro-batches (see
-  `distributed.accumulate_gradients`; no row moves between devices) whose gradients are summed,
-  each normalised by the whole batch's target count: the result equals the gradient of the full
-  batch up to float summation order. `mesh`/`rules` (None: the defaults) shard the accumulated
-  gradients and the model's activations.
-  `loss_chunk`: see `make_loss_fn`. A LoRA state's `frozen` base weights pass through unchanged.
+  The loss is the objective's (gemma_jax.objectives; default SFT with `loss_chunk`, the mean
+  cross-entropy over all target tokens of the batch) summed over the batch and divided by its
+  `count` of the whole batch. With `grad_accum_steps` = k the batch's rows are split into k
+  micro-batches (see `distributed.accumulate_gradients`; no row moves between devices) whose
+  gradients are summed: the result equals the gradient of the full batch up to float summation
+  order. `mesh`/`rules` (None: the defaults) shard the accumulated gradients and the model's
+  activations. A LoRA state's `frozen` base weights and a `reference` copy pass through unchanged.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest, loss_chunk), has_aux=True)
+  objective = objective or sft.SFT(loss_chunk)
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest, objective=objective), has_aux=True)
   k = grad_accum_steps
 
   def train_step(state, batch):
@@ -100,14 +120,14 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
       return _train_step(state, batch)
 
   def _train_step(state, batch):
-    params, frozen = state['params'], state.get('frozen')
-    num_targets = jnp.maximum(jnp.sum(batch['loss_mask'].astype(jnp.float32)), 1.0)
+    params, frozen, reference = state['params'], state.get('frozen'), state.get('reference')
+    count = objective.count(batch)
     if k == 1:
-      (loss, correct), grads = grad_fn(params, batch, num_targets, frozen)
+      (loss, aux), grads = grad_fn(params, batch, count, frozen, reference)
     else:
-      micro_grad_fn = lambda p, b: grad_fn(p, b, num_targets, frozen)
-      (loss, correct), grads = distributed.accumulate_gradients(micro_grad_fn, params, batch, k,
-                                                             mesh, rules)
+      micro_grad_fn = lambda p, b: grad_fn(p, b, count, frozen, reference)
+      (loss, aux), grads = distributed.accumulate_gradients(micro_grad_fn, params, batch, k,
+                                                         mesh, rules)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_state = {
@@ -116,14 +136,15 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
         'opt_state': opt_state,
         'rng': jax.random.fold_in(state['rng'], state['step']),
     }
-    if frozen is not None:
-      new_state['frozen'] = frozen
+    for key in ('frozen', 'reference'):
+      if key in state:
+        new_state[key] = state[key]
     metrics = {
         'loss': loss,
-        'accuracy': correct / num_targets,
+        **objective.metrics(objective.named(aux), count),
         'grad_norm': grad_norm,
         'learning_rate': schedule(state['step']),
-        'target_tokens': num_targets,
+        objective.count_name: count,
     }
     return new_state, metrics
 
@@ -131,17 +152,18 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_chunk: int = 0, *,
-                   mesh: Mesh | None = None, rules: sharding.ShardingRules | None = None,
-                   ) -> Callable[..., dict[str, jax.Array]]:
-  """`eval_step(params, batch, frozen=None) -> {'loss_sum', 'correct_sum', 'count'}` (sum over
-  batches); `mesh`/`rules` constrain the model's activations as in the train step."""
-  loss_fn = make_loss_fn(graphdef, rest, loss_chunk)
+                   objective=None, mesh: Mesh | None = None,
+                   rules: sharding.ShardingRules | None = None) -> Callable[..., dict[str, jax.Array]]:
+  """`eval_step(params, batch, frozen=None, reference=None) -> {'loss_sum', 'count', **sums}`
+  (sums over batches; the objective's `metrics` turns them into means); `mesh`/`rules` constrain
+  the model's activations as in the train step."""
+  objective = objective or sft.SFT(loss_chunk)
+  loss_fn = make_loss_fn(graphdef, rest, objective=objective)
 
-  def eval_step(params, batch, frozen=None):
+  def eval_step(params, batch, frozen=None, reference=None):
     with sharding.tracing_under(mesh, rules):
-      loss_sum, correct_sum = loss_fn(params, batch, 1.0, frozen)
-    return {'loss_sum': loss_sum, 'correct_sum': correct_sum,
-            'count': jnp.sum(batch['loss_mask'].astype(jnp.float32))}
+      loss_sum, aux = loss_fn(params, batch, 1.0, frozen, reference)
+      return {'loss_sum': loss_sum, 'count': objective.count(batch), **objective.named(aux)}
 
   return eval_step
 
@@ -159,10 +181,13 @@ def jit_train_step(train_step, mesh: Mesh, abstract_state: State,
 # The loop.
 
 
-def _check_finite(step: int, metrics: Mapping[str, float], manager) -> None:
+def _check_finite(step: int, metrics: Mapping[str, float], checkpoints) -> None:
   if all(math.isfinite(metrics[k]) for k in ('loss', 'grad_norm')):
     return
-  last = manager.latest_step() if manager is not None else None
+  last = None
+  if checkpoints is not None:
+    checkpoints.wait()  # the save in flight is of an earlier, finite step
+    last = checkpoints.latest()
   raise NonFiniteLossError(
       f'Non-finite training at step {step}: loss={metrics["loss"]}, '
       f'grad_norm={metrics["grad_norm"]}. Stopping; the last good checkpoint '
@@ -177,22 +202,35 @@ def _say(text: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the SFT job described by `config` in `workdir`; returns final metrics.
+  """Runs (or resumes) the job described by `config` in `workdir` (its objective: SFT, DPO; see
+  gemma_jax.objectives); returns final metrics.
 
   Returns {'train': last step's metrics, 'eval': last held-out metrics (and exact match before
-  and after when configured), 'export_dir': the params-only checkpoint for sample.py}.
+  and after when configured), 'export_dir': the params-only checkpoint for sample.py}. SIGTERM
+  and a first SIGINT stop it cleanly (gemma_jax.preemption): after the step they arrive in, a
+  checkpoint at that step, then `Preempted`; during set-up, `Preempted` before the first step;
+  during the final evaluation and export they are ignored and the job completes. Raises
+  train_checkpoints.CheckpointError when checkpoints exist but none is intact, and
+  train_checkpoints.CheckpointSaveError when a save fails.
   """
+  with preemption.StopSignals() as signals:
+    return _train(config, workdir, signals)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           signals: preemption.StopSignals) -> dict[str, Any]:
   train_config.validate_config(config)
+  objective = objectives.from_config(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.ShardingRules.from_config(config.sharding_rules)
-  manager = checkpoint.checkpoint_manager(workdir, config.keep_checkpoints)
-  resume_step = manager.latest_step()
+  checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints, say=_say)
+  resume_step = checkpoints.restorable_step()
 
   mc, tokenizer = initial_weights.model_and_tokenizer(config, workdir,
                                                       resume=resume_step is not None)
   plan = train_state.plan_train_state(mc, config, mesh, rules)
-  train_iter = iter(_dataset(config, tokenizer, 'train'))
+  train_iter = iter(_dataset(objective, config, tokenizer, 'train'))
   held_out = evaluate.exact_match_examples(config)
   if held_out and jax.process_count() > 1:
     _say('Exact-match evaluation skipped: the Sampler runs in one process, and this job has '
@@ -203,7 +241,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = train_state.create_train_state(plan, mc, config)
     _say(f'Starting at step 0 of {config.steps} in {workdir}.')
   else:
-    state, data_state = train_state.resume_train_state(plan, manager, resume_step, mc, config)
+    state, data_state = train_state.resume_train_state(plan, checkpoints, resume_step, mc,
+                                                       config)
     train_iter.set_state(data_state)
     _say(f'Resuming from the checkpoint at step {resume_step} in {workdir}.')
   if plan.lora:
@@ -212,10 +251,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   graphdef, rest = plan.graphdef, plan.rest
   step_fn = jit_train_step(
       make_train_step(graphdef, rest, plan.tx, plan.schedule, mesh=mesh, rules=rules,
-                      grad_accum_steps=config.optimizer.grad_accum_steps,
-                      loss_chunk=config.loss_chunk),
+                      grad_accum_steps=config.optimizer.grad_accum_steps, objective=objective),
       mesh, plan.abstract, rules)
-  eval_fn = jax.jit(make_eval_step(graphdef, rest, config.loss_chunk, mesh=mesh, rules=rules))
+  eval_fn = jax.jit(make_eval_step(graphdef, rest, objective=objective, mesh=mesh, rules=rules))
   start = int(jax.device_get(state['step']))
   writer = metrics_lib.MetricsWriter(workdir, config.steps, start,
                                      tokens_per_step=config.batch_size * config.seq_len,
@@ -225,10 +263,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return nnx.merge(graphdef, state['params'], *([state['frozen']] if plan.lora else []), rest)
 
   def run_eval(step: int) -> dict[str, float]:
-    batches = iter(_dataset(config, tokenizer, 'eval'))
+    batches = iter(_dataset(objective, config, tokenizer, 'eval'))
     result = evaluate.held_out_loss(eval_fn, state['params'],
                                     itertools.islice(batches, config.eval_batches), mesh, rules,
-                                    state.get('frozen'))
+                                    state.get('frozen'), state.get('reference'),
+                                    metrics=objective.metrics)
     if result:
       _say(writer.log_eval(step, result))
     return result
@@ -245,39 +284,66 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   if held_out and start == 0:
     run_exact_match(0, 'before training')
+  if config.eval_every and objective.eval_before_training and start == 0:
+    run_eval(0)
 
-  pending = None  # (step, device metrics) of the previous step, read after the next dispatch
+  # (step, device metrics, data fingerprint) of the previous step, read after the next dispatch
+  pending = None
   last, last_eval = {}, {}
   t0 = time.time()
+
+  def save(step: int, wait: bool = False) -> None:
+    nonlocal last, pending
+    # Never checkpoint a state whose step went non-finite: check it before saving.
+    last = _read_metrics(writer, checkpoints, config, *pending)
+    pending = None
+    checkpoints.save(step, state, train_iter.get_state(), config.to_dict(), wait=wait)
+    writer.mark_start(step)  # tokens/s and ETA count training steps only
+
+  def stop(step: int, saved: bool = True):
+    writer.close()
+    return Preempted(step, signals.name or 'a signal to another process', checkpoints.directory,
+                     saved)
+
+  if signals.should_stop():  # while the job was being set up
+    raise stop(start, saved=False)
   try:
     for step in range(start + 1, config.steps + 1):
-      state, step_metrics = step_fn(state, distributed.put_batch(next(train_iter), mesh, rules))
+      batch = next(train_iter)
+      state, step_metrics = step_fn(state, distributed.put_batch(batch, mesh, rules))
       if step == start + 1:
         jax.block_until_ready(step_metrics)
         _say(f'First step compiled and ran in {time.time() - t0:.1f}s.')
         writer.mark_start(step)
       if pending is not None:
-        last = _read_metrics(writer, manager, config, *pending)
-      pending = (step, step_metrics)
+        last = _read_metrics(writer, checkpoints, config, *pending)
+      pending = (step, step_metrics, train_iter.fingerprint)
       if step % config.checkpoint_every == 0 or step == config.steps:
-        # Never checkpoint a state whose step went non-finite: check it before saving.
-        last = _read_metrics(writer, manager, config, *pending)
-        pending = None
-        checkpoint.save_train_state(manager, step, state, train_iter.get_state(),
-                                    config.to_dict())
-        writer.mark_start(step)  # tokens/s and ETA count training steps only
+        save(step)
       if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
         last_eval = run_eval(step)
         writer.mark_start(step)
+      if step < config.steps and signals.should_stop():
+        if pending is not None:
+          save(step, wait=True)
+        checkpoints.wait()
+        raise stop(step)
     if pending is not None:
-      last = _read_metrics(writer, manager, config, *pending)
+      last = _read_metrics(writer, checkpoints, config, *pending)
   finally:
-    manager.wait_until_finished()
+    checkpoints.wait()
+  if start < config.steps and signals.should_stop():  # during the last step, saved above
+    raise stop(config.steps)
+  # From here (held-out evaluation, export) a signal is only recorded: the job completes.
   stats = train_iter.stats
   _say(f'Data: {stats["examples"]} examples read, {stats["truncated"]} truncated and '
        f'{stats["dropped"]} dropped for exceeding seq_len={config.seq_len} '
        f'(data.truncate={config.data.truncate!r}).')
 
+  if config.eval_every and objective.eval_before_training and last_eval:
+    changes = [f'{k} {metrics_lib.read_metric(workdir, f"eval_{k}", step=0):.4f} -> {v:.4f}'
+               for k, v in last_eval.items()]
+    _say('Held-out before -> after training: ' + ', '.join(changes))
   if held_out:
     before = metrics_lib.read_metric(workdir, 'eval_exact_match', step=0)
     after = run_exact_match(config.steps, 'after training')
@@ -290,25 +356,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   export_dir = checkpoint.export_params(model_of(state), workdir, tokenizer,
                                         quantize=requantize if config.model.export_quantized
                                         and config.model.quantize else None)
-  manager.close()
+  checkpoints.close()
   _say(f'Done: final params for sample.py in {export_dir}')
   return {'train': last, 'eval': last_eval, 'export_dir': export_dir}
 
 
-def _dataset(config: ml_collections.ConfigDict, tokenizer, split: str):
+def _dataset(objective, config: ml_collections.ConfigDict, tokenizer, split: str):
   """The job's data pipeline for `split`; config errors found while opening it are ConfigErrors."""
-  # Imported here: the steps above need no input pipeline (grain), e.g. in bench/train_bench.py.
-  from gemma_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   try:
-    return data_lib.job_dataset(config, tokenizer, split=split)
+    return objective.dataset(config, tokenizer, split)
   except ValueError as e:
     raise train_config.ConfigError(str(e)) from e
 
 
-def _read_metrics(writer, manager, config, step, device_metrics) -> dict[str, float]:
-  """Fetches one step's metrics, stops on NaN/inf, logs every `log_every` steps."""
+def _read_metrics(writer, checkpoints, config, step, device_metrics, fingerprint,
+                  ) -> dict[str, float]:
+  """Fetches one step's metrics, stops on NaN/inf, logs every `log_every` steps (with the
+  CRC-32 of the step's global batch as `batch_crc32`, to tell which data a step saw)."""
   host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  _check_finite(step, host, manager)
+  host['batch_crc32'] = fingerprint
+  _check_finite(step, host, checkpoints)
   if step % config.log_every == 0 or step == 1 or step == config.steps:
     _say(writer.log_train(step, host))
   return host

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from gemma_jax import data, evaluate
+from gemma_jax import data, data_sources, evaluate
 from gemma_jax.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +79,7 @@ def _expected(tok, records, seq_len):
   """The (tokens, targets, loss_mask) each record should become, per data.encode_example."""
   out = []
   for r in records:
-    e = data.encode_example(data.record_to_messages(r, data.DEFAULT_CONFIG, 'x'), tok, seq_len)
+    e = data.encode_example(data_sources.record_to_messages(r, data_sources.DEFAULT_CONFIG, 'x'), tok, seq_len)
     out.append((tuple(e['tokens']), tuple(e['targets']), tuple(e['loss_mask'])))
   return out
 
@@ -93,7 +93,7 @@ def test_jsonl_both_formats(tmp_path):
       {'prompt': 'p', 'response': 'r'}, '',
       {'messages': [{'role': 'system', 'content': 's'}, {'role': 'user', 'content': 'u'},
                     {'role': 'assistant', 'content': 'a'}]}])
-  (w1, m1), (w2, m2) = data.read_jsonl(path)
+  (w1, m1), (w2, m2) = data_sources.read_jsonl(path)
   assert (w1, w2) == (f'{path}:1', f'{path}:3')
   assert m1 == [{'role': 'user', 'content': 'p'}, {'role': 'model', 'content': 'r'}]
   assert [m['role'] for m in m2] == ['system', 'user', 'model']
@@ -179,7 +179,7 @@ def test_truncate_and_drop_are_counted(tmp_path, tok):
     assert len(segments) == kept
     assert it.stats == {'examples': 3, 'truncated': truncated, 'dropped': dropped}
     if policy == 'truncate':  # Keeps the start of the example: the first seq_len positions.
-      ids, _ = tok.encode_chat(data.record_to_messages(long, data.DEFAULT_CONFIG, 'x'))
+      ids, _ = tok.encode_chat(data_sources.record_to_messages(long, data_sources.DEFAULT_CONFIG, 'x'))
       assert segments[0][0] == tuple(ids[:12]) and segments[0][1] == tuple(ids[1:13])
 
 
@@ -218,22 +218,35 @@ def test_resume_from_iterator_state(tmp_path, tok):
   assert resumed.stats == expected_stats and expected_stats['dropped'] > 0
 
 
-def test_process_shards_are_disjoint_and_complete(tmp_path, tok):
-  records = _records(23)
-  path = _write(tmp_path / 'a.jsonl', records)
-  shards = []
-  for p in range(3):
-    for split in ('train', 'eval'):
-      ds = data.make_dataset({'path': path, 'eval_path': path, 'packing': False}, tok,
-                             seq_len=32, batch_size=1, seed=0, split=split,
-                             process_index=p, process_count=3)
-      assert ds.num_records == len(range(p, 23, 3))
-      got = _segments(_take(iter(ds), ds.num_records))  # One epoch of this shard.
-      assert sorted(got) == sorted(_expected(tok, records[p::3], 32))
-      if split == 'train':
-        shards.append(got)
-  everything = [s for shard in shards for s in shard]
-  assert sorted(everything) == sorted(_expected(tok, records, 32))
+def test_processes_take_their_rows_of_the_same_global_batches(tmp_path, tok):
+  """3 processes see exactly the rows of the 1-process batches, with the same iterator state, so a
+  job checkpointed with one process count resumes with another on the same examples."""
+  path = _write(tmp_path / 'a.jsonl', _records(23))
+  cfg = {'path': path, 'eval_path': path, 'packing': True}
+  kw = dict(seq_len=32, batch_size=6, seed=0)
+  for split in ('train', 'eval'):
+    whole = iter(data.make_dataset(cfg, tok, **kw, split=split, process_index=0, process_count=1))
+    parts = [iter(data.make_dataset(cfg, tok, **kw, split=split, process_index=p, process_count=3))
+             for p in range(3)]
+    for _ in range(3 if split == 'eval' else 6):
+      want, got = next(whole), [next(it) for it in parts]
+      for k in KEYS:
+        np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
+      assert {it.fingerprint for it in parts} == {whole.fingerprint}
+      assert all(it.get_state() == whole.get_state() for it in parts)
+  # Elastic resume: a 1-process state restored in a 2-process iterator continues the same batches.
+  whole = iter(data.make_dataset(cfg, tok, **kw, process_index=0, process_count=1))
+  _take(whole, 3)
+  state = whole.get_state()
+  half = iter(data.make_dataset(cfg, tok, **kw, process_index=1, process_count=2))
+  half.set_state(state)
+  for _ in range(3):
+    want, got = next(whole), next(half)
+    for k in KEYS:
+      np.testing.assert_array_equal(got[k], want[k][3:])
+    assert half.fingerprint == whole.fingerprint
+  with pytest.raises(ValueError, match='batch_size=6 rows do not split evenly over 4 processes'):
+    data.make_dataset(cfg, tok, **kw, process_index=0, process_count=4)
 
 
 def test_tfds_source_without_tensorflow(tmp_path, tok):
@@ -242,7 +255,7 @@ def test_tfds_source_without_tensorflow(tmp_path, tok):
   train = [{'question': f'q {i}', 'answer': f'a {i}', 'conv': turns(f'u {i}', f'm {i}')}
            for i in range(7)]
   bad = [{'question': 'q', 'answer': 'a', 'conv': [{'role': 'bot', 'content': 'x'}]}]
-  data.write_tfds_dataset({'train': train, 'test': train[:3], 'bad': bad}, 'tiny_sft_test',
+  data_sources.write_tfds_dataset({'train': train, 'test': train[:3], 'bad': bad}, 'tiny_sft_test',
                           str(tmp_path))
   assert 'tensorflow' not in sys.modules
   common = {'source': 'tfds', 'name': 'tiny_sft_test', 'data_dir': str(tmp_path),
@@ -276,8 +289,8 @@ def test_quickstart_data_is_reproducible_and_checkable(tmp_path, tok):
     assert os.path.getsize(shipped) < 1_000_000
     make_sft_data.write_jsonl(records, str(tmp_path / name))
     assert (tmp_path / name).read_bytes() == open(shipped, 'rb').read()
-  train_examples = data.read_jsonl(os.path.join(ROOT, 'data', 'quickstart_train.jsonl'))
-  eval_examples = data.read_jsonl(os.path.join(ROOT, 'data', 'quickstart_eval.jsonl'))
+  train_examples = data_sources.read_jsonl(os.path.join(ROOT, 'data', 'quickstart_train.jsonl'))
+  eval_examples = data_sources.read_jsonl(os.path.join(ROOT, 'data', 'quickstart_eval.jsonl'))
   assert any(m[0]['role'] == 'system' for _, m in train_examples)
   assert any(sum(t['role'] == 'model' for t in m) > 1 for _, m in train_examples)
   train_prompts = {t['content'] for _, m in train_examples for t in m if t['role'] == 'user'}
@@ -310,5 +323,5 @@ def test_training_data_and_chat_format_share_one_conversation_rule(messages):
   with pytest.raises(ValueError) as chat_error:
     chat_turns(messages)
   with pytest.raises(ValueError) as data_error:
-    data.record_to_messages({'messages': messages}, data.DEFAULT_CONFIG, 'f.jsonl:9')
+    data_sources.record_to_messages({'messages': messages}, data_sources.DEFAULT_CONFIG, 'f.jsonl:9')
   assert str(data_error.value) == f'f.jsonl:9: {chat_error.value}'

@@ -6,61 +6,33 @@ Both runs execute tests/multiprocess_worker.py: two sharded AdamW steps of a tin
 each process feeding only its half of every batch.
 """
 
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 
 import numpy as np
 
+from processes import finish, launch
+
 _TESTS = pathlib.Path(__file__).resolve().parent
 _WORKER = _TESTS / 'multiprocess_worker.py'
 _MESHES = ['2,2,2', '1,8,1']
-_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+def _start(out_dir: pathlib.Path, processes: int, devices: int):
+  logs = [out_dir / f'log{i}.txt' for i in range(processes)]
+  return out_dir, logs, launch([sys.executable, str(_WORKER), str(out_dir), *_MESHES], logs,
+                               devices)
 
 
-def _launch(out_dir: pathlib.Path, devices: int, extra_env: dict[str, str]) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {_XLA}', **extra_env)
-  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
-    if k not in extra_env:
-      env.pop(k, None)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  log = open(out_dir / f'log{extra_env.get("JAX_PROCESS_ID", "")}.txt', 'w')
-  return subprocess.Popen([sys.executable, str(_WORKER), str(out_dir), *_MESHES], cwd=_TESTS.parent,
-                          env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _wait(procs, out_dir, timeout=600):
-  try:
-    for p in procs:
-      p.wait(timeout=timeout)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  logs = '\n'.join(f.read_text()[-3000:] for f in sorted(out_dir.glob('log*.txt')))
-  assert all(p.returncode == 0 for p in procs), f'worker failed:\n{logs}'
+def _results(out_dir, logs, procs) -> dict[str, np.ndarray]:
+  codes, output = finish(procs, logs)
+  assert codes == [0] * len(procs), f'worker failed:\n{output}'
   return dict(np.load(out_dir / 'results.npz'))
 
 
 def test_two_processes_equal_one_process(tmp_path):
-  port = _free_port()
-  address = f'127.0.0.1:{port}'
-  workers = [_launch(tmp_path / 'multi', 4, {'JAX_COORDINATOR_ADDRESS': address,
-                                              'JAX_COORDINATOR_BIND_ADDRESS': address,
-                                              'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)})
-             for i in range(2)]
-  single = _launch(tmp_path / 'single', 8, {})
-  got = _wait(workers, tmp_path / 'multi')
-  want = _wait([single], tmp_path / 'single')
+  multi, single = _start(tmp_path / 'multi', 2, 4), _start(tmp_path / 'single', 1, 8)
+  got, want = _results(*multi), _results(*single)
   assert sorted(got) == sorted(want) and len(want) > 2 * len(_MESHES)
   for mesh in _MESHES:
     np.testing.assert_allclose(got[f'{mesh}/losses'], want[f'{mesh}/losses'], rtol=1e-5)

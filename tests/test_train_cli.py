@@ -1,18 +1,20 @@
-"""train.py as users run it: overrides, unknown keys, and resuming after SIGKILL."""
+"""train.py as users run it: overrides, unknown keys, resuming after SIGKILL and after SIGTERM."""
 
 import importlib.util
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from gemma_jax import checkpoint, trainer
+from gemma_jax import checkpoint, preemption, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
@@ -92,13 +94,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, straight):
   args = _flags(QUICKSTART, workdir, overrides)
   killer = (
       'import os, runpy, signal, sys\n'
-      'from gemma_jax import checkpoint\n'
-      'save = checkpoint.save_train_state\n'
-      'def save_then_die(manager, step, *a, **k):\n'
-      '  save(manager, step, *a, **k)\n'
+      'from gemma_jax.train_checkpoints import TrainCheckpoints\n'
+      'save = TrainCheckpoints.save\n'
+      'def save_then_die(self, step, *a, **k):\n'
+      '  save(self, step, *a, **k)\n'
       '  if step == 6:\n'
       '    os.kill(os.getpid(), signal.SIGKILL)\n'
-      'checkpoint.save_train_state = save_then_die\n'
+      'TrainCheckpoints.save = save_then_die\n'
       f'sys.argv = ["train.py"] + {args!r}\n'
       'runpy.run_path("train.py", run_name="__main__")\n')
   # The killed and the resumed process run the same programs: share their compilations.
@@ -141,3 +143,37 @@ def test_sharded_training_equals_one_device(tmp_path, straight):
       np.testing.assert_allclose(g[key], w[key], rtol=1e-5, err_msg=f'step {g["step"]} {key}')
   for x, y in zip(_final_params(straight), _final_params(workdir), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_saves_the_step_it_reached_and_resumes_exactly(tmp_path, straight):
+  """SIGTERM at a random moment of a run (slowed to ~0.25 s a step): train.py finishes the step,
+  saves a checkpoint at it (checkpoint_every is larger than the run, so no other checkpoint
+  exists), exits with status preemption.EXIT_CODE, and the rerun continues with exactly the
+  metrics and final params of an uninterrupted run."""
+  overrides, straight = straight
+  workdir = str(tmp_path / 'preempted')
+  args = _flags(QUICKSTART, workdir, dict(overrides, checkpoint_every=100))
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', HOOK_STEP_SLEEP='0.25')
+  proc = subprocess.Popen([sys.executable, 'tests/train_hooked.py'] + args, cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  delay = random.Random().uniform(0.0, 1.2)
+  for line in proc.stdout:
+    if line.startswith('First step compiled'):
+      time.sleep(delay)
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == preemption.EXIT_CODE, (delay, err[-3000:])
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert len(saved) == 1 and 1 <= saved[0] < 8, (delay, saved)
+  stop = saved[0]
+  assert f'Stopped by SIGTERM after step {stop}' in err and 'Traceback' not in err, err[-3000:]
+  assert [r['step'] for r in _train_records(workdir)][-1] == stop  # logged before it stopped
+
+  result = _run(['train.py'] + args, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Resuming from the checkpoint at step {stop}' in result.stdout
+  assert _train_records(workdir) == _train_records(straight)
+  for x, y in zip(_final_params(straight), _final_params(workdir), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

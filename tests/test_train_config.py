@@ -50,6 +50,8 @@ def test_warmup_longer_than_the_run_is_shortened_with_a_warning(capsys):
     ('model.remat', 'some', r"config\.model\.remat='some'"),
     ('optimizer.weight_decay_exclude', 'layers/0', r"weight_decay_exclude='layers/0'.*dotted"),
     ('lora.rank', -1, r'config\.lora\.rank=-1'),
+    ('learning_rate', float('nan'), r'config\.learning_rate=nan must be a finite number > 0'),
+    ('learning_rate', 0.0, r'config\.learning_rate=0.0 must be'),
 ])
 def test_bad_values_name_their_key(key, value, match):
   with pytest.raises(ConfigError, match=match):
@@ -81,7 +83,7 @@ def test_unknown_and_bad_config_keys():
 
 
 @pytest.mark.parametrize('name', ['quickstart', 'gemma3_270m_sft', 'gemma3_270m_lora',
-                                  'gemma1_2b_sft', 'gemma1_7b_sft'])
+                                  'gemma3_270m_dpo', 'gemma1_2b_sft', 'gemma1_7b_sft'])
 def test_shipped_configs_are_valid(name):
   import importlib.util
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
@@ -98,7 +100,8 @@ def test_shipped_configs_are_valid(name):
   assert model.config.name == c.model.preset
 
 
-CONFIGS = ['quickstart', 'gemma3_270m_sft', 'gemma3_270m_lora', 'gemma1_2b_sft', 'gemma1_7b_sft']
+CONFIGS = ['quickstart', 'gemma3_270m_sft', 'gemma3_270m_lora', 'gemma3_270m_dpo', 'gemma1_2b_sft',
+           'gemma1_7b_sft']
 
 
 def _literal_settings(name):

@@ -12,8 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
-from gemma_jax import (checkpoint, data, initial_weights, optim, sharding, train_config,
+from gemma_jax import (checkpoint, data, data_sources, initial_weights, optim, sharding, train_config,
                        train_state, trainer)
+from gemma_jax.train_checkpoints import TrainCheckpoints
 from gemma_jax.config import get_preset
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.transformer import Transformer
@@ -141,7 +142,7 @@ def test_gradients_ignore_prompt_targets(tok):
 
 def test_packed_batch_equals_unpacked(tok):
   """The same examples, packed into one row vs one per row: loss and grads agree (<= 1e-5)."""
-  records = [m for _, m in data.read_jsonl(TRAIN)[:3]]
+  records = [m for _, m in data_sources.read_jsonl(TRAIN)[:3]]
   enc = [data.encode_example(m, tok, 64) for m in records]
   T = sum(len(e['tokens']) for e in enc) + 3
   packed = {k: np.zeros((1, T), np.float32 if k == 'loss_mask' else np.int32)
@@ -257,8 +258,8 @@ def test_overfits_tiny_dataset_and_writes_outputs(tmp_path, monkeypatch):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['40', '80']
   assert os.path.isfile(os.path.join(workdir, 'final', 'tokenizer.model'))
   final = _final_params(workdir)
-  restored, _ = checkpoint.restore_train_state(
-      checkpoint.checkpoint_manager(workdir, c.keep_checkpoints), 80, *_abstract_state(c, workdir))
+  restored, _ = TrainCheckpoints(workdir, c.keep_checkpoints).restore(
+      80, *_abstract_state(c, workdir))
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(restored['params']), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -278,8 +279,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     trainer.train(c, workdir)
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
   assert not os.path.exists(os.path.join(workdir, 'final'))
-  state, _ = checkpoint.restore_train_state(
-      checkpoint.checkpoint_manager(workdir, c.keep_checkpoints), 1, *_abstract_state(c, workdir))
+  state, _ = TrainCheckpoints(workdir, c.keep_checkpoints).restore(1, *_abstract_state(c, workdir))
   assert int(state['step']) == 1
 
 
@@ -344,7 +344,7 @@ def test_trains_from_tfds_by_name_with_accumulation_and_adafactor(tmp_path):
   """A TFDS dataset (array_record, written without TensorFlow) read by name + data_dir."""
   records = [json.loads(line) for line in _lines(TRAIN, 48)]
   data_dir = str(tmp_path / 'tfds')
-  data.write_tfds_dataset({'train': records, 'validation': records[:8]}, 'tiny_sft', data_dir)
+  data_sources.write_tfds_dataset({'train': records, 'validation': records[:8]}, 'tiny_sft', data_dir)
   c = small_config(tmp_path, steps=10, learning_rate=1e-2, eval_every=5, checkpoint_every=10, **{
       'data.source': 'tfds', 'data.name': 'tiny_sft', 'data.data_dir': data_dir,
       'data.path': '', 'data.eval_path': '', 'data.eval_split': 'validation',

@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     convert(args)
     log.info('wrote %s', args.dst)
     return 0
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
+  except (ValueError, OSError) as e:  # a bad or unreadable file: one line, no traceback
+    print(f'python -m gemma_jax.convert: error: {" ".join(str(e).split())}', file=sys.stderr)
     return 1
   finally:
     log.removeHandler(handler)

@@ -58,6 +58,7 @@ import numpy as np
 from gemma_jax import config as config_lib
 from gemma_jax import quant
 from gemma_jax.config import AttentionType, ModelConfig
+from gemma_jax.convert.config_checks import MAX_LAYERS, MAX_SIZE, check_config, integer, number
 
 log = logging.getLogger('gemma_jax.convert')
 
@@ -113,15 +114,16 @@ _ROPE_FREQS = 'rope_freqs.weight'  # Gemma 4: read into the config, not a weight
 
 
 def open_gguf(path: str | os.PathLike):
-  """Opens a GGUF file with `gguf.GGUFReader`; ValueError naming the file when it is not one."""
+  """Opens a GGUF file with `gguf.GGUFReader` once `gguf_checks.check_gguf` has bounded its
+  header; ValueError naming the file when it is not one, or is truncated or corrupt."""
   import gguf  # Deferred: only the GGUF paths need the package.
+
+  from gemma_jax.convert.gguf_checks import check_gguf  # pylint: disable=g-import-not-at-top
 
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ValueError(f'{path}: GGUF file not found.')
-  with open(path, 'rb') as f:
-    if f.read(4) != b'GGUF':
-      raise ValueError(f'{path}: not a GGUF file (it does not start with the magic bytes "GGUF").')
+  check_gguf(path)  # bounds every count and size before gguf's reader trusts them
   try:
     return gguf.GGUFReader(path, 'r')
   except Exception as e:  # The reader raises assorted errors on short or corrupt files.
@@ -174,7 +176,7 @@ def _attention_types(reader, path: str, arch: str, L: int, family: int):
     if len(pattern) != L:
       raise ValueError(f'{path}: {key} has {len(pattern)} entries for {L} layers.')
     return tuple(LOCAL if sliding else GLOBAL for sliding in pattern)
-  return config_lib.layer_pattern(L, int(pattern))
+  return config_lib.layer_pattern(L, integer(path, key, pattern, 1))
 
 
 def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
@@ -188,19 +190,24 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
       raise ValueError(f'{path}: GGUF metadata has no {arch}.{key}; cannot build the model config.')
     return _uniform(path, f'{arch}.{key}', value)
 
+  def size(key, default=None, lo=1, hi=MAX_SIZE):
+    return integer(path, f'{arch}.{key}', get(key, default), lo, hi)
+
   embedding = _tensor_info(reader, 'token_embd.weight')
-  if embedding is None:
-    raise ValueError(f'{path}: no token_embd.weight tensor.')
+  if embedding is None or len(embedding.shape) != 2:
+    raise ValueError(f'{path}: no token_embd.weight tensor of 2 dimensions.')
   V = int(embedding.shape[1])  # GGUF order: [D, V].
-  eps = float(f"{get('attention.layer_norm_rms_epsilon', 1e-6):.6g}")  # 1e-6 stored as float32.
+  eps = float(f"{number(path, 'rms epsilon', get('attention.layer_norm_rms_epsilon', 1e-6)):.6g}")
   if family == 4:
     from gemma_jax.convert.gguf_gemma4 import gemma4_config  # pylint: disable=g-import-not-at-top
-    return gemma4_config(reader, path, V, eps)
-  L, D, F = get('block_count'), get('embedding_length'), get('feed_forward_length')
-  N = get('attention.head_count')
-  K = get('attention.head_count_kv', N)
-  H = get('attention.key_length', D // N)
-  if get('attention.value_length', H) != H:
+    config = gemma4_config(reader, path, V, eps)
+    check_config(config, path)
+    return config
+  L = size('block_count', hi=MAX_LAYERS)
+  D, F, N = size('embedding_length'), size('feed_forward_length'), size('attention.head_count')
+  K = size('attention.head_count_kv', N)
+  H = size('attention.key_length', D // N)
+  if size('attention.value_length', H) != H:
     raise ValueError(f'{path}: {arch}.attention.value_length differs from key_length; '
                      'Gemma uses one head dimension.')
   preset = _matching_preset(family, L, D, F, N, K, H)
@@ -230,7 +237,13 @@ def config_from_gguf(reader, path: str = '<gguf>') -> ModelConfig:
                                   if scaling == 'linear' else 1.0),
                use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True)
   name = preset.name if preset else f'gguf-{arch}-{_value(reader, "general.name", "model")}'
-  return ModelConfig(name=name, **common, **cfg)
+  try:
+    config = ModelConfig(name=name, **common, **cfg)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'{path}: the GGUF metadata does not make a valid config: {e}') from None
+  check_config(config, path)
+  return config
+
 
 
 def _tensor_info(reader, name: str):

@@ -13,6 +13,7 @@ import numpy as np
 
 from gemma_jax import config as config_lib
 from gemma_jax.config import ModelConfig
+from gemma_jax.convert.config_checks import MAX_LAYERS, integer
 from gemma_jax.convert.gguf import (GLOBAL, LOCAL, _ROPE_FREQS, _dequantize, _tensor_info,
                                     _uniform, _value)
 
@@ -40,7 +41,8 @@ def gemma4_config(reader, path: str, V: int, eps: float) -> ModelConfig:
                        'has one.')
     return values[0] if values else None
 
-  L, D = get('block_count'), get('embedding_length')
+  L = integer(path, 'gemma4.block_count', get('block_count'), 1, MAX_LAYERS)
+  D = integer(path, 'gemma4.embedding_length', get('embedding_length'), 1)
   N = _uniform(path, 'gemma4.attention.head_count', get('attention.head_count'))
   pattern = get('attention.sliding_window_pattern')
   if not isinstance(pattern, list) or len(pattern) != L:
@@ -79,7 +81,7 @@ def gemma4_config(reader, path: str, V: int, eps: float) -> ModelConfig:
   E = get('expert_count') if any(n.endswith('.ffn_gate_inp.weight') for n in names) else 0
   has_local = LOCAL in types
   softcap = _value(reader, 'gemma4.final_logit_softcapping')
-  config = ModelConfig(
+  fields = dict(
       name=f'gguf-gemma4-{_value(reader, "general.name", "model")}', num_layers=L, embed_dim=D,
       hidden_dim=F, num_heads=N, head_dim=H_l, num_kv_heads=K or K_g, vocab_size=V,
       attention_types=types,
@@ -96,6 +98,10 @@ def gemma4_config(reader, path: str, V: int, eps: float) -> ModelConfig:
       per_layer_input_dim=I, per_layer_vocab_size=V_pl if V_pl != V else None,
       num_experts=E, num_experts_per_token=get('expert_used_count') if E else 0,
       expert_hidden_dim=get('expert_feed_forward_length') if E else 0)
+  try:
+    config = ModelConfig(**fields)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'{path}: the GGUF metadata does not make a valid config: {e}') from None
   preset = next((p for p in config_lib.PRESETS.values()
                  if p.replace(name=config.name) == config), None)
   return preset or config

@@ -31,7 +31,7 @@ from flax import nnx
 from gemma_jax import quant
 from gemma_jax.config import ModelConfig
 from gemma_jax.convert.gguf import gguf_sources, hf_tensor
-from gemma_jax.convert.hf import _ignored, _layout
+from gemma_jax.convert.hf import _ignored, _layout, check_layer_count
 from gemma_jax.transformer import Transformer, model_from_params
 
 log = logging.getLogger('gemma_jax.convert')
@@ -143,6 +143,7 @@ def load_quantized(reader, path: str, config: ModelConfig, mode: str, group_size
   requested = quant.spec(mode, group_size)
   exact_ok = exact_types(mode)
   sources = gguf_sources(reader, path, config)
+  check_layer_count(config, sources, path)
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   targets = {t.name: t for t in quant.targets(abstract)}
   plan = [(entry, [_source(sources, n, s, path) for n, s in zip(entry.hf, entry.shapes)])

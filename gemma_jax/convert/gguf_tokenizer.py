@@ -129,6 +129,8 @@ def _model_proto(reader, name) -> bytes:
   if not len(tokens) == len(scores) == len(types):
     raise ValueError(f'{name}: tokenizer.ggml.tokens/scores/token_type have different lengths '
                      f'({len(tokens)}, {len(scores)}, {len(types)})')
+  if not np.isfinite(np.asarray(scores, np.float64)).all():
+    raise ValueError(f'{name}: tokenizer.ggml.scores holds NaN or infinite scores')
   special = {}
   for key in ('bos', 'eos', 'unknown', 'padding'):
     i = _scalar(reader, name, f'tokenizer.ggml.{key}_token_id')

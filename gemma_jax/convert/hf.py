@@ -144,6 +144,15 @@ def _ignored(config: ModelConfig, name: str) -> bool:
   return False
 
 
+def check_layer_count(config: ModelConfig, names, source: str) -> None:
+  """A config read from a file may claim more layers than its tensors hold (up to
+  config_checks.MAX_LAYERS): refuse it before a model of that many layers is traced."""
+  layers = {n.split('.')[2] for n in names if n.startswith('model.layers.')}
+  if config.num_layers > len(layers):
+    raise ValueError(f'{source}: the config has {config.num_layers} layers but the tensors are '
+                     f'of only {len(layers)} (model.layers.N).')
+
+
 def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray], *,
                           dtype=jnp.float32, param_dtype=None, source: str = 'tensors',
                           remat: str = 'none', shardings=None) -> Transformer:
@@ -152,6 +161,7 @@ def model_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]
   Raises ValueError naming `source` and the key for a missing, unexpected or mis-shaped tensor.
   """
   used: set[str] = set()
+  check_layer_count(config, tensors, source)
 
   def get(name, shape):
     if name not in tensors:
@@ -223,13 +233,17 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, param_dtype=None,
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
     raise ValueError(f'{path}: no config.json; expected a directory written by save_pretrained.')
-  with open(config_path) as f:
+  with open(config_path, 'rb') as f:
     try:
-      hf_config = json.load(f)
-    except json.JSONDecodeError as e:
+      hf_config = json.loads(f.read().decode('utf-8'))
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
       raise ValueError(f'{config_path}: not valid JSON ({e}).') from None
+  if not isinstance(hf_config, dict):
+    raise ValueError(f'{config_path}: expected a JSON object, got {type(hf_config).__name__}.')
   archs = hf_config.get('architectures') or []
   known = {**ARCHITECTURES, **MULTIMODAL_ARCHITECTURES}
+  if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+    raise ValueError(f'{config_path}: architectures must be a list of strings, got {archs!r:.60}.')
   if archs and not set(archs) & set(known):
     raise ValueError(f'{config_path}: architectures {archs} are not supported; expected one of '
                      f'{sorted(known)}.')
@@ -239,8 +253,12 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, param_dtype=None,
     raise ValueError(f'{path}: no *.safetensors files (pickle checkpoints are not read).')
   tensors: dict[str, np.ndarray] = {}
   for name in files:
-    for key, value in load_file(os.path.join(path, name)).items():
-      tensors[key] = value
+    try:  # safetensors checks the header, dtypes, shapes and offsets against the file's size
+      loaded = load_file(os.path.join(path, name))
+    except Exception as e:  # SafetensorError (not a ValueError) and the OS's errors
+      raise ValueError(f'{os.path.join(path, name)}: not a valid safetensors file '
+                       f'({type(e).__name__}: {e}).') from None
+    tensors.update(loaded)
   if any(k.startswith(_LANGUAGE_MODEL) for k in tensors):
     tensors = _language_model(tensors, path)
   return model_from_hf_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype,

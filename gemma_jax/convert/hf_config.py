@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from gemma_jax.config import PATTERN_PERIOD, AttentionType, ModelConfig, layer_pattern
+from gemma_jax.convert.config_checks import MAX_LAYERS, check_config, integer, number
 
 ARCHITECTURES = {'GemmaForCausalLM': 1, 'Gemma2ForCausalLM': 2, 'Gemma3ForCausalLM': 3,
                  'Gemma4ForCausalLM': 4}
@@ -22,18 +23,22 @@ _LAYER_TYPES = {'full_attention': AttentionType.GLOBAL, 'sliding_attention': Att
 
 def _rope(params: Mapping[str, Any] | None, source: str, key: str) -> tuple[float, float, float]:
   """(base, linear scale, rotated fraction) from one `rope_parameters` entry."""
-  if not params:
-    raise ValueError(f'{source}: missing rope parameters for {key!r}.')
+  if not params or not isinstance(params, Mapping):
+    raise ValueError(f'{source}: missing rope parameters for {key!r} (got {params!r:.60}).')
   kind = params.get('rope_type', params.get('type', 'default'))
   if 'rope_theta' not in params:
     raise ValueError(f'{source}: rope parameters {key!r} have no rope_theta.')
-  base = float(params['rope_theta'])
+  base = number(source, f'{key}.rope_theta', params['rope_theta'], positive=True)
+  factor = number(source, f'{key}.factor', params.get('factor', 1.0), positive=True)
   if kind == 'default':
     return base, 1.0, 1.0
   if kind == 'linear':
-    return base, float(params['factor']), 1.0
+    if 'factor' not in params:
+      raise ValueError(f'{source}: linear rope parameters {key!r} have no factor.')
+    return base, factor, 1.0
   if kind == 'proportional':
-    return base, float(params.get('factor', 1.0)), float(params.get('partial_rotary_factor', 1.0))
+    return base, factor, number(source, f'{key}.partial_rotary_factor',
+                                params.get('partial_rotary_factor', 1.0), positive=True)
   raise ValueError(f'{source}: rope_type {kind!r} in {key!r} is not supported (default, linear, '
                    'proportional).')
 
@@ -47,11 +52,21 @@ def text_config(hf: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def config_from_hf(hf: Mapping[str, Any], source: str = 'config.json') -> ModelConfig:
   """A ModelConfig from a transformers config dict (Gemma 1-4 text, or a multimodal Gemma 4's
-  text part). Raises ValueError naming `source` and the key for what it cannot express."""
+  text part). Raises ValueError naming `source` and the key for what it cannot express, or for a
+  value of the wrong type or out of range (gemma_jax.convert.config_checks)."""
+  try:
+    config = _config_from_hf(hf, source)
+  except (TypeError, AttributeError, KeyError) as e:  # a value of an unexpected JSON type
+    raise ValueError(f'{source}: malformed config ({type(e).__name__}: {e}).') from None
+  check_config(config, source)
+  return config
+
+
+def _config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
   name = hf.get('_name_or_path')
   hf = text_config(hf)
   model_type = hf.get('model_type')
-  if model_type not in MODEL_TYPES:
+  if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
     archs = hf.get('architectures')
     raise ValueError(f'{source}: model_type {model_type!r} (architectures {archs}) is not '
                      f'supported; expected one of {sorted(MODEL_TYPES)} '
@@ -63,19 +78,26 @@ def config_from_hf(hf: Mapping[str, Any], source: str = 'config.json') -> ModelC
       raise ValueError(f'{source}: missing key {key!r} for model_type {model_type!r}.')
     return hf[key]
 
+  def size(key, default=None):  # a count or dimension; a null or missing one takes `default`
+    value = hf.get(key) if default is not None else need(key)
+    return integer(source, key, default if value is None else value, 1)
+
   if hf.get('attention_bias'):
     raise ValueError(f'{source}: attention_bias=true is not supported by Gemma.')
   act = hf.get('hidden_activation') or hf.get('hidden_act') or 'gelu_pytorch_tanh'
   if act not in ('gelu_pytorch_tanh', 'gelu', 'gelu_tanh'):
     raise ValueError(f'{source}: hidden activation {act!r} is not supported (gelu_pytorch_tanh).')
-  num_layers = int(need('num_hidden_layers'))
+  num_layers = integer(source, 'num_hidden_layers', need('num_hidden_layers'), 1, MAX_LAYERS)
   layer_types = hf.get('layer_types')
   if layer_types is None:  # older files: the generation's pattern (Gemma 3: its period)
     period = PATTERN_PERIOD[min(family, 3)]
     if family == 3:
-      period = int(hf.get('sliding_window_pattern', period))
+      period = integer(source, 'sliding_window_pattern', hf.get('sliding_window_pattern', period),
+                       1)
     attention_types = layer_pattern(num_layers, period)
   else:
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+      raise ValueError(f'{source}: layer_types must be a list of strings, got {layer_types!r:.60}.')
     unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
     if unknown:
       raise ValueError(f'{source}: unknown layer_types {unknown}.')
@@ -92,6 +114,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str = 'config.json') -> ModelC
     if family >= 3:
       rope = {'full_attention': rope,
               'sliding_attention': {'rope_theta': hf.get('rope_local_base_freq', 10_000.0)}}
+  if not isinstance(rope, Mapping):
+    raise ValueError(f'{source}: rope_parameters must be an object, got {rope!r:.60}.')
   if family >= 3:
     base_g, scale_g, fraction_g = _rope(rope.get('full_attention'), source, 'full_attention')
     base_l, scale_l, fraction_l = _rope(rope.get('sliding_attention'), source,
@@ -106,14 +130,14 @@ def config_from_hf(hf: Mapping[str, Any], source: str = 'config.json') -> ModelC
   fields: dict[str, Any] = dict(
       name=name or f'hf-{model_type}',
       num_layers=num_layers,
-      embed_dim=int(need('hidden_size')),
-      hidden_dim=int(need('intermediate_size')),
-      num_heads=int(need('num_attention_heads')),
-      head_dim=int(hf.get('head_dim') or need('hidden_size') // need('num_attention_heads')),
-      num_kv_heads=int(hf.get('num_key_value_heads') or need('num_attention_heads')),
-      vocab_size=int(need('vocab_size')),
+      embed_dim=size('hidden_size'),
+      hidden_dim=size('intermediate_size'),
+      num_heads=size('num_attention_heads'),
+      head_dim=size('head_dim', size('hidden_size') // size('num_attention_heads')),
+      num_kv_heads=size('num_key_value_heads', size('num_attention_heads')),
+      vocab_size=size('vocab_size'),
       attention_types=attention_types,
-      sliding_window=int(need('sliding_window')) if has_local else None,
+      sliding_window=size('sliding_window') if has_local else None,
       query_pre_attn_scalar=hf.get('query_pre_attn_scalar') if family in (2, 3) else None,
       attn_logits_soft_cap=hf.get('attn_logit_softcapping') if family == 2 else None,
       final_logit_soft_cap=hf.get('final_logit_softcapping') if family > 1 else None,
@@ -122,8 +146,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str = 'config.json') -> ModelC
       use_qk_norm=family >= 3,
       rope_base_global=base_g, rope_base_local=base_l,
       rope_scale_global=scale_g, rope_scale_local=scale_l,
-      rms_norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
-      max_seq_len=int(hf.get('max_position_embeddings', 8192)),
+      rms_norm_eps=number(source, 'rms_norm_eps', hf.get('rms_norm_eps', 1e-6), positive=True),
+      max_seq_len=size('max_position_embeddings', 8192),
       family=family,
   )
   if family == 4:

@@ -86,8 +86,9 @@ def read_official(path: str | os.PathLike) -> dict[str, np.ndarray]:
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     meta = checkpointer.metadata(path)
-  except (FileNotFoundError, ValueError, OSError) as e:
-    raise ValueError(f'{path}: not an Orbax checkpoint ({e}).') from e
+  except Exception as e:  # Orbax and TensorStore raise many kinds on damaged files
+    raise ValueError(f'{path}: not an Orbax checkpoint ({type(e).__name__}: '
+                     f'{" ".join(str(e).split())[:300]}).') from e
   tree = getattr(meta, 'item_metadata', meta)
   tree = getattr(tree, 'tree', tree)
   if not isinstance(tree, Mapping) or not tree:
@@ -95,7 +96,11 @@ def read_official(path: str | os.PathLike) -> dict[str, np.ndarray]:
                      'the folder that holds the checkpoint\'s _METADATA file.')
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   log.info('%s: reading %d arrays', path, len(flatten(tree, sep='/')))
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  try:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as e:  # Orbax and TensorStore raise many kinds on damaged files
+    raise ValueError(f'{path}: unreadable Orbax checkpoint ({type(e).__name__}: '
+                     f'{" ".join(str(e).split())[:300]}).') from e
   return {k: np.asarray(v) for k, v in flatten(restored, sep='/').items()}
 
 
