@@ -16,6 +16,8 @@ import socket
 import subprocess
 from collections.abc import Mapping, Sequence
 
+# Tests compile far more than they run: XLA's cheap CPU compile settings (tests/conftest.py sets
+# them for the test processes too).
 CHEAP_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

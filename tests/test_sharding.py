@@ -22,12 +22,12 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 from gemma_jax import sharding as sh
 from gemma_jax.config import get_preset
 from gemma_jax.transformer import Transformer
+from processes import CHEAP_XLA
 
 _TESTS = pathlib.Path(__file__).resolve().parent
-# Lower XLA CPU optimisation in the subprocess: halves compile time, and both sides of every
-# comparison run under the same flags.
-EIGHT_CPU_DEVICES = ('--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 '
-                     '--xla_llvm_disable_expensive_passes=true')
+# The subprocess compiles cheaply too (processes.CHEAP_XLA); both sides of every comparison run
+# under the same flags.
+EIGHT_CPU_DEVICES = f'--xla_force_host_platform_device_count=8 {CHEAP_XLA}'
 
 if jax.device_count() >= 8:
   from _sharded_cases import *  # noqa: F401,F403  (collected in this process)
