@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gemma_jax import distributed, train_config, trainer
-from test_trainer import ROOT, TOKENIZER, V, _lines
+from test_trainer import ROOT, TOKENIZER, V, _lines, override
 
 PREF_TRAIN = os.path.join(ROOT, 'data', 'preference_train.jsonl')
 LN2 = float(np.float32(np.log(2.0)))
@@ -27,10 +27,7 @@ def dpo_config(tmp_path, **overrides):
   c.model.preset, c.model.vocab_size, c.model.tokenizer = 'tiny-gemma1', V, TOKENIZER
   c.data.path, c.data.eval_path = str(train_path), str(train_path)
   c.optimizer.warmup_steps = 2
-  for key, value in overrides.items():
-    group, _, name = key.rpartition('.')
-    (c[group] if group else c)[name] = value
-  return c
+  return override(c, overrides)
 
 
 def _records(workdir):

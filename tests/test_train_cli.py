@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from gemma_jax import checkpoint, preemption, trainer
+from test_trainer import override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
@@ -43,11 +44,7 @@ def _load_config(path, overrides):
   spec = importlib.util.spec_from_file_location('config_under_test', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config()
-  for key, value in overrides.items():
-    group, _, name = key.rpartition('.')
-    (c[group] if group else c)[name] = value
-  return c
+  return override(module.get_config(), overrides)
 
 
 def _train_records(workdir):

@@ -47,6 +47,11 @@ def small_config(tmp_path, num_train=64, **overrides):
   c.model.preset, c.model.vocab_size, c.model.tokenizer = 'tiny-gemma1', V, TOKENIZER
   c.data.path, c.data.eval_path = str(train_path), str(eval_path)
   c.optimizer.warmup_steps = 2
+  return override(c, overrides)
+
+
+def override(c, overrides):
+  """`c` with {'a.b': value} overrides applied (as train.py's --config.a.b=value would)."""
   for key, value in overrides.items():
     group, _, name = key.rpartition('.')
     (c[group] if group else c)[name] = value
