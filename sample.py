@@ -1,19 +1,24 @@
 r"""Samples from, or chats with, a gemma_jax checkpoint.
 
   python sample.py --ckpt DIR --prompt "The capital of France is" [--prompt TEXT ...]
-      [--max_new_tokens 64] [--greedy | --temperature 1.0 --top_k 64 --top_p 0.95] [--seed 0]
-      [--chat] [--output_json out.json] [--tokenizer PATH] [--cache_dtype int8|bfloat16|float32]
-      [--quantize int8|int4 [--group_size G]]
+      [--max_new_tokens 64] [--greedy | --temperature 1.0 --top_k 64 --top_p 0.95 --min_p 0.05]
+      [--repetition_penalty 1.1] [--frequency_penalty 0.5] [--presence_penalty 0.5] [--seed 0]
+      [--chat] [--output_json out.json [--logprobs [--top_logprobs N]]] [--tokenizer PATH]
+      [--cache_dtype int8|bfloat16|float32] [--quantize int8|int4 [--group_size G]]
 
 Text streams to stdout as it is generated (several prompts run as one batch and are printed one
 after another, each streaming once the ones before it are complete). --chat runs a multi-turn
 session in Gemma's chat format: each --prompt, then each line of stdin (a terminal or a pipe), is a
-user turn. Without --greedy or sampling flags, Gemma's recommended sampling is used
-(temperature 1.0, top_k 64, top_p 0.95). The tokenizer defaults to DIR/tokenizer.model. One line
-on stderr gives the size of the KV cache the sampler allocates (--cache_dtype int8 about halves a
-bfloat16 cache: keys and values quantized per token and head). --quantize holds the weights in
-int8 or int4 (gemma_jax.quant, groups of --group_size along each weight's contraction axis; default
-32) from load on; a checkpoint written by `gemma_jax.convert --quantize` is read quantized as it is.
+user turn. Without --greedy or sampling flags, Gemma's recommended sampling is used (temperature
+1.0, top_k 64, top_p 0.95); the penalties (gemma_jax.sampling.SamplingParams: off by default) also
+apply to --greedy, which takes the argmax of the penalised logits. --logprobs adds to each of
+--output_json's completions `logprobs`, each generated token's log-prob under the model's raw
+logits (one float per entry of `tokens`), and --top_logprobs N `top_logprobs`, per token the N most
+likely [token id, log-prob] pairs. The tokenizer defaults to DIR/tokenizer.model. One line on
+stderr gives the size of the KV cache the sampler allocates (--cache_dtype int8 about halves a
+bfloat16 cache: keys and values quantized per token and head). --quantize holds the weights in int8
+or int4 (gemma_jax.quant, groups of --group_size along each weight's contraction axis; default 32)
+from load on; a checkpoint written by `gemma_jax.convert --quantize` is read quantized as it is.
 """
 
 import json
@@ -33,6 +38,21 @@ _GREEDY = flags.DEFINE_bool('greedy', False, 'Greedy decoding (argmax).')
 _TEMPERATURE = flags.DEFINE_float('temperature', None, 'Sampling temperature (default 1.0).')
 _TOP_K = flags.DEFINE_integer('top_k', None, 'Keep the k most likely tokens (default 64; 0: all).')
 _TOP_P = flags.DEFINE_float('top_p', None, 'Nucleus probability in (0, 1] (default 0.95).')
+_MIN_P = flags.DEFINE_float('min_p', None, 'Drop tokens less than min_p times as likely as the '
+                            'most likely one, in [0, 1] (default 0: off).')
+_REPETITION_PENALTY = flags.DEFINE_float(
+    'repetition_penalty', None, 'Divide (multiply if negative) the logits of tokens in the prompt '
+    'or generated so far by this, > 0 (default 1.0: off).')
+_FREQUENCY_PENALTY = flags.DEFINE_float(
+    'frequency_penalty', None, 'Subtract this per earlier occurrence of a token in the output, in '
+    '[-2, 2] (default 0: off).')
+_PRESENCE_PENALTY = flags.DEFINE_float(
+    'presence_penalty', None, 'Subtract this from tokens already in the output, in [-2, 2] '
+    '(default 0: off).')
+_LOGPROBS = flags.DEFINE_bool('logprobs', False, 'Add each generated token\'s log-prob to '
+                              '--output_json (not with --chat).')
+_TOP_LOGPROBS = flags.DEFINE_integer('top_logprobs', 0, 'With --logprobs: also the N most likely '
+                                     'tokens and their log-probs at each step.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
 _CHAT = flags.DEFINE_bool('chat', False, 'Interactive multi-turn chat (stdin may be a pipe).')
 _OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'Write {"completions": [...]} here.')
@@ -65,17 +85,27 @@ def _parse_flags(argv):
 
 
 def sampling_params():
-  """SamplingParams from the flags; --greedy excludes the sampling flags."""
-  from gemma_jax.sampler import GREEDY, SamplingParams
+  """SamplingParams from the flags; --greedy excludes the sampling flags, not the penalties."""
+  from gemma_jax.sampler import SamplingParams
   given = [f'--{n}' for n, v in [('temperature', _TEMPERATURE.value), ('top_k', _TOP_K.value),
-                                  ('top_p', _TOP_P.value)] if v is not None]
+                                  ('top_p', _TOP_P.value), ('min_p', _MIN_P.value)]
+           if v is not None]
+  penalties = {f.name: f.value for f in (_REPETITION_PENALTY, _FREQUENCY_PENALTY,
+                                         _PRESENCE_PENALTY) if f.value is not None}
   if _GREEDY.value:
     if given:
       raise UsageError(f'--greedy cannot be combined with {", ".join(given)}.')
-    return GREEDY
-  return SamplingParams(temperature=1.0 if _TEMPERATURE.value is None else _TEMPERATURE.value,
-                        top_k=64 if _TOP_K.value is None else _TOP_K.value,
-                        top_p=0.95 if _TOP_P.value is None else _TOP_P.value)
+    rule = dict(temperature=0.0)
+  else:
+    rule = dict(temperature=1.0 if _TEMPERATURE.value is None else _TEMPERATURE.value,
+                top_k=64 if _TOP_K.value is None else _TOP_K.value,
+                top_p=0.95 if _TOP_P.value is None else _TOP_P.value,
+                min_p=0.0 if _MIN_P.value is None else _MIN_P.value)
+  try:
+    return SamplingParams(**rule, **penalties)
+  except ValueError as e:  # name the flag: 'SamplingParams: top_p must ...' -> '--top_p must ...'
+    message = str(e).removeprefix('SamplingParams: ')
+    raise UsageError(f'--{message}' if message.split()[0] in rule | penalties else message)
 
 
 def cache_length_for(prompt_lengths, max_new_tokens: int, max_seq_len: int) -> int:
@@ -152,7 +182,8 @@ def run_batch(model, tokenizer, prompts, sampling):
   cache_length = cache_length_for(lengths, max_new, model.config.max_seq_len)
   sampler = Sampler(model, tokenizer, cache_length=cache_length, cache_dtype=_CACHE_DTYPE.value)
   print(cache_summary(sampler, len(prompts)), file=sys.stderr, flush=True)
-  stream = sampler.sample(prompts, max_new, sampling=sampling, seed=_SEED.value, stream=True)
+  stream = sampler.sample(prompts, max_new, sampling=sampling, seed=_SEED.value, stream=True,
+                          return_logprobs=_LOGPROBS.value, top_logprobs=_TOP_LOGPROBS.value)
   shown, pending = 0, [''] * len(prompts)  # rows after `shown` wait in `pending`
 
   def header(i):
@@ -222,6 +253,12 @@ def main(argv):
       raise UsageError(f'--max_new_tokens must be >= 1, got {_MAX_NEW.value}.')
     if not _PROMPT.value and not _CHAT.value:
       raise UsageError('give at least one --prompt TEXT (or --chat).')
+    if _LOGPROBS.value and _CHAT.value:
+      raise UsageError('--logprobs is not available with --chat.')
+    if _TOP_LOGPROBS.value and not _LOGPROBS.value:
+      raise UsageError(f'--top_logprobs {_TOP_LOGPROBS.value} needs --logprobs.')
+    if _TOP_LOGPROBS.value < 0:
+      raise UsageError(f'--top_logprobs must be >= 0, got {_TOP_LOGPROBS.value}.')
     model, tokenizer = _load(_CKPT.value, _TOKENIZER.value)
     if _CHAT.value:
       completions = run_chat(model, tokenizer, list(_PROMPT.value), sampling)
@@ -231,8 +268,17 @@ def main(argv):
     _fail(e)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, 'w') as f:
-      json.dump({'completions': [{'prompt': c.prompt, 'text': c.text, 'tokens': c.tokens}
-                                 for c in completions]}, f, indent=2)
+      json.dump({'completions': [_json(c) for c in completions]}, f, indent=2)
+
+
+def _json(completion) -> dict:
+  """One completion in --output_json: prompt, text, tokens (and logprobs, top_logprobs)."""
+  out = {'prompt': completion.prompt, 'text': completion.text, 'tokens': completion.tokens}
+  if completion.logprobs is not None:
+    out['logprobs'] = completion.logprobs
+  if completion.top_logprobs is not None:
+    out['top_logprobs'] = [[list(pair) for pair in step] for step in completion.top_logprobs]
+  return out
 
 
 if __name__ == '__main__':

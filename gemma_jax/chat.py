@@ -78,8 +78,9 @@ class ChatSession:
     state = s._start(cache, [ids[-1]], [self._position + len(ids) - 1], key, max_new_tokens,
                      False)
     stop_ids, _ = s._stops(None)
+    # A repetition penalty counts the whole conversation, as generate() on its ids would.
     steps = s._run(state, max_new_tokens, self.sampling, stop_ids, [],
-                   s.stream_chunk if stream else None)
+                   s.stream_chunk if stream else None, prompt_ids=[self._fed + ids])
 
     def finish(state, tokens_BO, step):
       reply = s._completion(message, tokens_BO[0, :step], None, stop_ids, [])

@@ -3,12 +3,13 @@ rules, `SamplingParams`, are gemma_jax/sampling.py and importable from here too)
 
 How a call runs. Prompts are tokenized (BOS once), left-padded to a length bucket (segment id 0 on
 the padding, true positions on the real tokens) and all but each row's last token are written to
-the cache in one forward (`_prefill`; its logits are dead code, so XLA never computes the
-prefix's [B, T, V] output head). Then `_decode`, a single jitted `lax.while_loop`, feeds the
-pending token of every row, samples the next one and stops when every row has stopped or the step
-limit is reached. The first iteration feeds the prompt's last token, so one compiled program
-serves all steps. Compiled functions are module-level `jax.jit`s keyed by (graphdef, shapes,
-sampling rules), so repeated calls never retrace; the cache and loop state are donated.
+the cache in one forward (`_prefill`; its logits are dead code, so XLA never computes the prefix's
+[B, T, V] output head). Then `_decode` (gemma_jax/decode_loop.py), a single jitted
+`lax.while_loop`, feeds the pending token of every row, samples the next one and stops when every
+row has stopped or the step limit is reached. The first iteration feeds the prompt's last token, so
+one compiled program serves all steps. Compiled functions are module-level `jax.jit`s keyed by
+(graphdef, shapes, sampling rules), so repeated calls never retrace; the cache and loop state are
+donated.
 
 Streaming decodes in chunks of `stream_chunk` steps with the same compiled `_decode` (its step
 limit is a traced argument), handing text to the caller between chunks; non-streaming calls run
@@ -26,23 +27,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 
 from gemma_jax import attention
-from gemma_jax.sampling import GREEDY, SamplingParams, sample_logits
+from gemma_jax.decode_loop import DecodeState
+from gemma_jax.decode_loop import bucket as _bucket
+from gemma_jax.decode_loop import decode as _decode
+from gemma_jax.sampling import GREEDY, SamplingParams
 
-_MIN_BUCKET = 16  # shortest prefill / output-buffer bucket (powers of two above it)
 _STOP_STRING_CHUNK = 16  # decode steps between host-side stop-string checks
 _STOP_IDS_PAD = 8  # stop-id arrays are padded (with -1) to a multiple of this, bounding recompiles
 
 
 def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _bucket(n: int) -> int:
-  """Smallest power of two >= n (at least _MIN_BUCKET)."""
-  return max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('cache',))
@@ -52,71 +50,6 @@ def _prefill(graphdef, params, cache, tokens_BT, positions_BT, segment_ids_BT):
   return cache
 
 
-@struct.dataclass
-class DecodeState:
-  """What the compiled decode loop carries from one step to the next (a pytree, donated).
-
-  O is the length of the output buffer: `max_new_tokens` rounded up to a bucket, so calls with
-  nearby budgets share one compiled loop.
-  """
-
-  cache: dict[str, Any]  # the model's KV cache, holding every token fed so far
-  next_token_B: jax.Array  # int32 [B]: sampled (or the prompt's last token), not yet in the cache
-  position_B: jax.Array  # int32 [B]: the position next_token_B is fed at
-  done_B: jax.Array  # bool [B]: the row met a stop; from then on it feeds and emits padding
-  step: jax.Array  # int32 []: tokens generated so far (the next column of tokens_BO)
-  keys_B: jax.Array  # PRNG keys [B]: step n of row i draws with fold_in(keys_B[i], n)
-  tokens_BO: jax.Array  # int32 [B, O]: generated ids, pad_id after a row stops
-  # float32 [B, O, V]: the logits each token was drawn from; None (an empty pytree, so nothing is
-  # written) unless the caller asked for logits.
-  logits_BOV: jax.Array | None = None
-
-  @classmethod
-  def create(cls, cache, next_token_B, position_B, keys_B, *, max_new_tokens: int, pad_id: int,
-             vocab_size: int | None = None) -> DecodeState:
-    """The state before the first step; `vocab_size` given: also record the logits."""
-    B, out_len = len(next_token_B), _bucket(max_new_tokens)
-    return cls(
-        cache=cache,
-        next_token_B=jnp.asarray(next_token_B, jnp.int32),
-        position_B=jnp.asarray(position_B, jnp.int32),
-        done_B=jnp.zeros((B,), bool),
-        step=jnp.zeros((), jnp.int32),
-        keys_B=keys_B,
-        tokens_BO=jnp.full((B, out_len), pad_id, jnp.int32),
-        logits_BOV=(None if vocab_size is None
-                    else jnp.zeros((B, out_len, vocab_size), jnp.float32)))
-
-
-@functools.partial(jax.jit, static_argnames=('graphdef', 'sampling', 'pad_id'),
-                   donate_argnames=('state',))
-def _decode(graphdef, params, state: DecodeState, stop_ids, limit, *, sampling,
-            pad_id) -> DecodeState:
-  """Steps until every row is done or `state.step == limit`."""
-
-  def cond(st):
-    return (st.step < limit) & ~jnp.all(st.done_B)
-
-  def body(st):
-    model = nnx.merge(graphdef, params)
-    active_B1 = (~st.done_B)[:, None].astype(jnp.int32)  # finished rows feed padding
-    logits_B1V, cache = model(st.next_token_B[:, None], st.position_B[:, None], active_B1,
-                              st.cache)
-    logits_BV = logits_B1V[:, 0]
-    keys_B = jax.vmap(jax.random.fold_in, (0, None))(st.keys_B, st.step)
-    token_B = jnp.where(st.done_B, pad_id, sample_logits(logits_BV, keys_B, sampling))
-    logits_BOV = st.logits_BOV
-    if logits_BOV is not None:
-      logits_BOV = jax.lax.dynamic_update_slice(logits_BOV, logits_BV[:, None], (0, st.step, 0))
-    return st.replace(
-        cache=cache, next_token_B=token_B, position_B=st.position_B + 1, step=st.step + 1,
-        done_B=st.done_B | jnp.isin(token_B, stop_ids),
-        tokens_BO=jax.lax.dynamic_update_slice(st.tokens_BO, token_B[:, None], (0, st.step)),
-        logits_BOV=logits_BOV)
-
-  return jax.lax.while_loop(cond, body, state)
-
-
 @dataclasses.dataclass
 class Completion:
   """One prompt's result.
@@ -124,7 +57,11 @@ class Completion:
   tokens: the generated ids, ending with the stop token (or the token completing a stop string)
     when the row stopped; text: their decoded text without that stop token / stop string (None
     without a tokenizer); finish_reason: 'stop' or 'length'; logits: [len(tokens), V] float32,
-    the logits each token was drawn from (only with `return_logits=True`).
+    the logits each token was drawn from (only with `return_logits=True`); logprobs: each token's
+    log-prob under the model's raw logits (log_softmax before penalties, temperature and the
+    other warpers: vLLM's default), aligned with `tokens` (only with `return_logprobs=True`);
+    top_logprobs: per token, the `top_logprobs` most likely [(token id, log-prob), ...], most
+    likely first (only with `top_logprobs` > 0).
   """
 
   prompt: str | list[int]
@@ -132,6 +69,8 @@ class Completion:
   tokens: list[int]
   finish_reason: str
   logits: np.ndarray | None = None
+  logprobs: list[float] | None = None
+  top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class SampleStream:
@@ -263,16 +202,20 @@ class Sampler:
       start += n
     return cache
 
-  def _start(self, cache, last_B, position_B, keys_B, max_new_tokens,
-             return_logits) -> DecodeState:
+  def _start(self, cache, last_B, position_B, keys_B, max_new_tokens, return_logits,
+             return_logprobs=False, top_logprobs=0) -> DecodeState:
     """The decode state that feeds each row's last prompt token at `position_B`."""
     return DecodeState.create(
         cache, last_B, position_B, keys_B, max_new_tokens=max_new_tokens, pad_id=self.pad_id,
-        vocab_size=self.model.config.vocab_size if return_logits else None)
+        vocab_size=self.model.config.vocab_size, return_logits=return_logits,
+        return_logprobs=return_logprobs, top_logprobs=top_logprobs)
 
-  def _run(self, state: DecodeState, max_new_tokens, sampling, stop_ids, stop_strings, chunk):
+  def _run(self, state: DecodeState, max_new_tokens, sampling, stop_ids, stop_strings, chunk,
+           prompt_ids=None):
     """Decodes until done; yields (state, tokens_BO, step, done_B), the last three on the host,
-    after each chunk (one chunk of the whole budget when `chunk` is None)."""
+    after each chunk (one chunk of the whole budget when `chunk` is None). prompt_ids: each
+    row's ids so far, which a repetition penalty counts (None: only the generated ones)."""
+    state = state.with_history(sampling, self.model.config.vocab_size, prompt_ids)
     n_stop = max(_STOP_IDS_PAD, -(-len(stop_ids) // _STOP_IDS_PAD) * _STOP_IDS_PAD)
     stop_arr = jnp.asarray(stop_ids + [-1] * (n_stop - len(stop_ids)), jnp.int32)
     step = 0
@@ -292,8 +235,10 @@ class Sampler:
       if done_B.all() or step >= max_new_tokens:
         return
 
-  def _completion(self, prompt, row, logits, stop_ids, stop_strings) -> Completion:
-    """Trims one row's generated ids at its first stop and decodes the text before it."""
+  def _completion(self, prompt, row, logits, stop_ids, stop_strings, logprobs=None,
+                  top=None) -> Completion:
+    """Trims one row's generated ids (and its logits, log-probs and top (ids, log-probs) when
+    given) at its first stop and decodes the text before it."""
     ids = [int(t) for t in row]
     reason, text_ids = 'length', ids
     stop_at = next((j for j, t in enumerate(ids) if t in stop_ids), None)
@@ -304,20 +249,26 @@ class Sampler:
       cut = _stop_string_cut(self.tokenizer, text_ids, stop_strings)
       if cut is not None:
         ids, text, reason = ids[:cut[0]], cut[1], 'stop'
-    return Completion(prompt, text, ids, reason, None if logits is None else logits[:len(ids)])
+    n = len(ids)
+    return Completion(
+        prompt, text, ids, reason, None if logits is None else logits[:n],
+        None if logprobs is None else [float(x) for x in logprobs[:n]],
+        None if top is None else [[(int(t), float(x)) for t, x in zip(*pair)]
+                                  for pair in zip(top[0][:n], top[1][:n])])
 
   def _generate(self, ids, max_new_tokens, sampling, seed, stop_ids, stop_strings=(), chunk=None,
-                return_logits=False):
+                return_logits=False, return_logprobs=False, top_logprobs=0):
     """Prefills token-id prompts and returns the `_run` generator over decoded chunks."""
     cache = self._prefill_fresh(ids, max_new_tokens)
     keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(len(ids)))
     state = self._start(cache, [x[-1] for x in ids], [len(x) - 1 for x in ids], keys_B,
-                        max_new_tokens, return_logits)
-    return self._run(state, max_new_tokens, sampling, stop_ids, stop_strings, chunk)
+                        max_new_tokens, return_logits, return_logprobs, top_logprobs)
+    return self._run(state, max_new_tokens, sampling, stop_ids, stop_strings, chunk, ids)
 
   def sample(self, prompts, max_new_tokens: int = 64, *, sampling: SamplingParams = GREEDY,
              seed: int = 0, stop_tokens: Sequence[int | str] | None = None, stream: bool = False,
-             return_logits: bool = False) -> list[Completion] | SampleStream:
+             return_logits: bool = False, return_logprobs: bool = False,
+             top_logprobs: int = 0) -> list[Completion] | SampleStream:
     """Continues each prompt by up to `max_new_tokens` tokens.
 
     prompts: a str, or a list of strs (BOS is prepended) or of token-id lists (used as is).
@@ -325,8 +276,12 @@ class Sampler:
       the sampler has a tokenizer. Rows stop independently; a finished row emits only padding.
     stream: if True, returns a `SampleStream` of text pieces (`.result`: the completions).
     return_logits: also return, per generated token, the float32 logits it was drawn from.
+    return_logprobs: also return each generated token's log-prob under the model's raw logits
+      (before penalties and temperature), computed in the decode loop; top_logprobs=n > 0 (with
+      return_logprobs) adds the n most likely tokens and their log-probs at each step.
     Returns one `Completion` per prompt, in order. Raises ValueError (before any compute) if the
-    list is empty or a prompt plus max_new_tokens does not fit in the cache.
+    list is empty, a prompt plus max_new_tokens does not fit in the cache or top_logprobs is
+    out of range.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
@@ -338,20 +293,32 @@ class Sampler:
     self._check_length(max(lengths), max_new_tokens, f'prompt #{int(np.argmax(lengths))}')
     if stream and self.tokenizer is None:
       raise ValueError('Sampler.sample: stream=True needs a tokenizer to produce text.')
+    vocab_size = self.model.config.vocab_size
+    if not _is_int(top_logprobs) or not 0 <= top_logprobs <= vocab_size:
+      raise ValueError(f'Sampler.sample: top_logprobs must be an integer in [0, {vocab_size}] '
+                       f'(the vocabulary size), got {top_logprobs!r}.')
+    if top_logprobs and not return_logprobs:
+      raise ValueError(f'Sampler.sample: top_logprobs={top_logprobs} needs return_logprobs=True.')
     stop_ids, stop_strings = self._stops(stop_tokens)
     chunk = self.stream_chunk if stream else (_STOP_STRING_CHUNK if stop_strings else None)
     steps = self._generate(ids, max_new_tokens, sampling, seed, stop_ids, stop_strings, chunk,
-                           return_logits)
+                           return_logits, return_logprobs, top_logprobs)
 
-    def results(state, tokens_BO, step, with_logits):
-      logits = jax.device_get(state.logits_BOV) if with_logits else [None] * len(ids)
-      return [self._completion(p, tokens_BO[i, :step], logits[i], stop_ids, stop_strings)
+    def results(state, tokens_BO, step, final):
+      """The completions so far; `final`: with the logits / log-probs asked for."""
+      logits, logprobs, top_ids, top_logps = jax.device_get(
+          (state.logits_BOV, state.logprobs_BO, state.top_ids_BOn, state.top_logprobs_BOn)
+          if final else (None,) * 4)
+      row = lambda x, i: None if x is None else x[i]
+      return [self._completion(p, tokens_BO[i, :step], row(logits, i), stop_ids, stop_strings,
+                               row(logprobs, i),
+                               None if top_ids is None else (top_ids[i], top_logps[i]))
               for i, p in enumerate(prompts)]
 
     if not stream:
       for chunk_out in steps:
         pass
-      return results(*chunk_out[:3], return_logits)
+      return results(*chunk_out[:3], True)
 
     # A live row holds back what could be the start of a stop string split across chunks.
     hold = max((len(x) for x in stop_strings), default=1) - 1
@@ -363,9 +330,17 @@ class Sampler:
         texts = [c.text if done_B[i] or last else c.text[:len(c.text) - hold]
                  for i, c in enumerate(results(state, tokens_BO, step, False))]
         yield [stream_delta(emitted, i, t) for i, t in enumerate(texts)], [bool(d) for d in done_B]
-      return results(state, tokens_BO, step, return_logits)
+      return results(state, tokens_BO, step, True)
 
     return SampleStream(pieces())
+
+  def score(self, prompts, continuations, *, batch_size: int = 16) -> list[np.ndarray]:
+    """Per-token float32 log-probs of `continuations[i]` after `prompts[i]` under the weights
+    this sampler holds, in batched forwards (gemma_jax.scoring.score: text prompts get BOS, text
+    continuations none; raw log-softmax, no sampling rules)."""
+    from gemma_jax import scoring  # pylint: disable=g-import-not-at-top (a cycle)
+    return scoring.score(nnx.merge(self._graphdef, self._params), self.tokenizer, prompts,
+                         continuations, batch_size=batch_size)
 
   def chat(self, *, system: str | None = None, sampling: SamplingParams = GREEDY,
            seed: int = 0):

@@ -8,6 +8,7 @@ from flax import nnx
 
 from gemma_jax.config import get_preset
 from gemma_jax.sampler import Sampler
+from gemma_jax.sampling import SamplingParams
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.transformer import Transformer, flat_params, model_from_params
 from test_tokenizer import small_tokenizer_model
@@ -95,10 +96,13 @@ def _random_model(config, seed=0):
                                     for name, x in abstract.items()})
 
 
-def test_gemma4_chat_feeds_gemma4_turns():
+@pytest.mark.parametrize('penalty', [1.0, 1.5], ids=['greedy', 'repetition_penalty'])
+def test_gemma4_chat_feeds_gemma4_turns(penalty):
   """Turn after turn, a session on a Gemma 4 tokenizer holds <bos>, the system turn, then
   <|turn>user\\n...<turn|>\\n<|turn>model\\n<|channel>thought\\n<channel|>, the reply as sampled
-  and <turn|>; its cache holds exactly those ids (the second reply equals sampling them afresh)."""
+  and <turn|>; its cache holds exactly those ids (the second reply equals sampling them afresh,
+  also with a repetition penalty, which counts the whole conversation as `sample` counts its
+  prompt)."""
   tok = Tokenizer(small_tokenizer_model())
   s = Sampler(_random_model(get_preset('tiny-gemma4').replace(vocab_size=tok.vocab_size)), tok,
               cache_length=128)
@@ -110,7 +114,8 @@ def test_gemma4_chat_feeds_gemma4_turns():
             + [tok.piece_to_id('<|channel>')] + text('thought\n') + [tok.piece_to_id('<channel|>')])
 
   system = 'Answer in one word.'
-  chat = s.chat(system=system)
+  rule = SamplingParams(temperature=0.0, repetition_penalty=penalty)
+  chat = s.chat(system=system, sampling=rule)
   before = [tok.bos_id, turn] + text('system\n') + text(system) + [end] + text('\n')
   replies = []
   # The second turn appends 32 tokens to the cache (one prefill shape to compile).
@@ -119,7 +124,7 @@ def test_gemma4_chat_feeds_gemma4_turns():
     replies.append(chat.send(message, 4))
     assert chat.ids == prompt + _reply_ids(replies[-1]) + [end]
     before = chat.ids + text('\n')
-  assert s.sample([prompt], 4)[0].tokens == replies[-1].tokens
+  assert s.sample([prompt], 4, sampling=rule)[0].tokens == replies[-1].tokens
   # The same ids as encode_chat writes the conversation, with the replies as sampled.
   assert chat.ids + text('\n') == _encode_chat_as_sampled(
       tok, [{'role': 'system', 'content': system}] + chat.history, replies)

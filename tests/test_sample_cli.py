@@ -151,6 +151,35 @@ def test_quantize_flag(tmp_path):
                          'already quantized')
 
 
+def test_penalties_and_logprobs_flags(tmp_path):
+  """On the tiny random Gemma 4: --greedy with the three penalties and --logprobs --top_logprobs
+  2 writes the library's penalised greedy tokens, each one's log-prob (one per token) and the top
+  2 alternatives to --output_json."""
+  from gemma_jax.sampling import SamplingParams
+  model, tokenizer = _tiny_gemma4(tmp_path / 'g4')
+  out = tmp_path / 'out.json'
+  prompts = ['a b c', 'd']
+  proc = _run('--ckpt', str(tmp_path / 'g4'), '--tokenizer', str(tokenizer), '--greedy',
+              '--max_new_tokens', '6', *[a for p in prompts for a in ('--prompt', p)],
+              '--repetition_penalty', '1.3', '--frequency_penalty', '0.5', '--presence_penalty',
+              '0.25', '--logprobs', '--top_logprobs', '2', '--output_json', str(out))
+  assert proc.returncode == 0, proc.stderr
+  got = json.loads(out.read_text())['completions']
+  rule = SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5,
+                        presence_penalty=0.25)
+  sampler = Sampler(model, Tokenizer(tokenizer), cache_length=128)
+  ref = sampler.sample(prompts, 6, sampling=rule, return_logprobs=True, top_logprobs=2)
+  assert [c['tokens'] for c in got] == [c.tokens for c in ref]
+  assert [c.tokens for c in ref] != [c.tokens for c in sampler.sample(prompts, 6)]
+  for c, r in zip(got, ref):
+    assert len(c['logprobs']) == len(c['tokens']) == len(c['top_logprobs'])
+    assert c['logprobs'] == pytest.approx(r.logprobs, abs=1e-6)
+    assert [[t for t, _ in step] for step in c['top_logprobs']] == [
+        [t for t, _ in step] for step in r.top_logprobs]
+    assert [v for step in c['top_logprobs'] for _, v in step] == pytest.approx(
+        [v for step in r.top_logprobs for _, v in step], abs=1e-6)
+
+
 def _assert_one_line_error(proc, pattern):
   assert proc.returncode != 0
   lines = [l for l in proc.stderr.strip().splitlines() if 'error' in l.lower()]
@@ -174,6 +203,13 @@ def test_bad_input_fails_with_one_line(ckpt, tmp_path):
       ([*ck, '--prompt', 'x', '--max_new_tokens', '0'], 'max_new_tokens must be >= 1'),
       ([*ck, '--prompt', 'x', '--max_new_tokens', '40000'], 'max_seq_len'),
       ([*ck, '--prompt', 'x', '--cache_dtype', 'int4'], '--cache_dtype=int4'),
+      ([*ck, '--prompt', 'x', '--greedy', '--min_p', '0.1'], '--greedy cannot be combined with '
+       '--min_p'),
+      ([*ck, '--prompt', 'x', '--repetition_penalty', '0'], '--repetition_penalty must be a '
+       'finite number > 0 (1.0: off), got 0.0'),
+      ([*ck, '--prompt', 'x', '--greedy', '--presence_penalty', '2.5'], '--presence_penalty must '
+       'be in [-2, 2] (0: off), got 2.5'),
+      ([*ck, '--prompt', 'x', '--top_logprobs', '3'], '--top_logprobs 3 needs --logprobs'),
   ]
   for args, pattern in cases:
     _assert_one_line_error(_run(*args), pattern)

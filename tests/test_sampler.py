@@ -79,14 +79,64 @@ def hf_pair(request, tmp_path_factory):
 
 @pytest.mark.parametrize('name', TINY)
 def test_decode_logits_equal_full_forward(tiny_models, name):
+  """At every step the logits equal a full forward's; the log-probs (and top 3) are its raw
+  log_softmax, although the draw was penalised and tempered."""
   model = tiny_models[name]
   s = Sampler(model, cache_length=64)
-  out = s.sample(PROMPTS, NEW, sampling=SamplingParams(temperature=1.0), seed=1,
-                 return_logits=True)
+  rule = SamplingParams(temperature=0.8, repetition_penalty=1.2, presence_penalty=0.5)
+  out = s.sample(PROMPTS, NEW, sampling=rule, seed=1, return_logits=True, return_logprobs=True,
+                 top_logprobs=3)
   for ids, c in zip(PROMPTS, out):
     assert len(c.tokens) == NEW and c.finish_reason == 'length'
     full = _full_logits(model, ids + c.tokens)[len(ids) - 1:-1]
     assert _rel_err(c.logits, full) <= 1e-5, name
+    logp = np.asarray(jax.nn.log_softmax(full, axis=-1))
+    np.testing.assert_allclose(c.logprobs, logp[np.arange(NEW), c.tokens], rtol=0, atol=1e-4)
+    top_ids = np.array([[t for t, _ in step] for step in c.top_logprobs])
+    top_vals = np.array([[v for _, v in step] for step in c.top_logprobs])
+    np.testing.assert_array_equal(top_ids, np.argsort(-logp, axis=-1)[:, :3])
+    np.testing.assert_allclose(top_vals, np.sort(logp, axis=-1)[:, ::-1][:, :3], atol=1e-4)
+
+
+def test_repetition_penalty_greedy_equals_transformers(tmp_path):
+  """A random Gemma 3 (window 4), a batch of left-padded prompts, 16 greedy tokens with
+  repetition_penalty 1.5: every row equals transformers' generate with the same penalty, run
+  alone (its prompt counts too), and the penalty changes what plain greedy would say."""
+  hf = make_hf_model('gemma3')
+  hf.generation_config.eos_token_id = None
+  hf.save_pretrained(tmp_path)
+  s = Sampler(load_hf(tmp_path), cache_length=64)
+  rule = SamplingParams(temperature=0.0, repetition_penalty=1.5)
+  out = s.sample(PROMPTS, 16, sampling=rule)
+  for ids, c in zip(PROMPTS, out):
+    with torch.no_grad():
+      ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                        repetition_penalty=1.5)[0, len(ids):]
+    assert c.tokens == ref.tolist()
+  assert [c.tokens for c in out] != [c.tokens for c in s.sample(PROMPTS, 16)]
+
+
+def test_frequency_and_presence_penalties_follow_a_step_by_step_reference(tiny_models):
+  """Greedy with all three penalties on a left-padded batch equals a reference that, at each
+  step, runs a full forward over prompt + tokens so far and applies vLLM's formula (repetition
+  over prompt and output, frequency and presence over the output only) before the argmax."""
+  model = tiny_models['tiny-gemma3']
+  rep, freq, pres = 1.3, 0.7, 0.4
+  rule = SamplingParams(temperature=0.0, repetition_penalty=rep, frequency_penalty=freq,
+                        presence_penalty=pres)
+  out = Sampler(model, cache_length=64).sample(PROMPTS, 16, sampling=rule)
+  V = model.config.vocab_size
+  for ids, c in zip(PROMPTS, out):
+    gen = []
+    for _ in range(16):
+      logits = _full_logits(model, ids + gen)[-1]
+      counts = np.bincount(np.asarray(gen, int), minlength=V)
+      seen = np.isin(np.arange(V), ids) | (counts > 0)
+      logits = np.where(seen, np.where(logits > 0, logits / rep, logits * rep), logits)
+      gen.append(int(np.argmax(logits - freq * counts - pres * (counts > 0))))
+    assert c.tokens == gen
+  plain = Sampler(model, cache_length=64).sample(PROMPTS, 16)
+  assert [c.tokens for c in out] != [c.tokens for c in plain]
 
 
 def test_sliding_window_greedy_equals_transformers(hf_pair):
@@ -222,6 +272,20 @@ def test_decode_loop_reads_weights_in_place(name):
   assert compiled.memory_analysis().temp_size_in_bytes < 0.05 * param_bytes
 
 
+def test_decode_state_carries_penalty_counts_only_when_asked():
+  """Default sampling carries no [B, V] history; penalties add generated-token counts (zeros)
+  and, for the repetition penalty only, the prompt's tokens."""
+  V = 32
+  state = sampler_lib.DecodeState.create(
+      {}, [3, 4], [0, 0], jax.random.split(jax.random.key(0), 2), max_new_tokens=4, pad_id=0)
+  assert state.with_history(GREEDY, V, [[1, 3], [4]]) is state
+  assert state.counts_BV is None and state.prompt_BV is None and state.logprobs_BO is None
+  freq = state.with_history(SamplingParams(frequency_penalty=0.5), V, [[1, 3], [4]])
+  assert freq.counts_BV.shape == (2, V) and not freq.counts_BV.any() and freq.prompt_BV is None
+  rep = state.with_history(SamplingParams(repetition_penalty=1.2), V, [[1, 3, 99], [4]])
+  assert [np.flatnonzero(row).tolist() for row in rep.prompt_BV] == [[1, 3], [4]]
+
+
 def test_multi_process_jobs_get_a_clear_error(tiny_models, monkeypatch):
   """Sampling runs in one process; a multi-process job is told so instead of failing deep inside."""
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
@@ -249,16 +313,26 @@ def test_errors(tiny_models):
     s.sample([[2, 3]], 0)
   with pytest.raises(ValueError, match='no tokenizer'):
     s.sample(['text'], 4)
+  with pytest.raises(ValueError, match=r'top_logprobs must be an integer in \[0, 512\].*600'):
+    s.sample([[2, 3]], 4, return_logprobs=True, top_logprobs=600)
+  with pytest.raises(ValueError, match='top_logprobs=2 needs return_logprobs=True'):
+    s.sample([[2, 3]], 4, top_logprobs=2)
 
 
 # The real Gemma 3 270M (GGUF), against transformers loading the same file (fixture `real` in
 # conftest.py).
 
 
-def test_real_270m_batch_greedy_equals_transformers(real, gguf_path):
-  _, tok, _, out = real
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
+@pytest.fixture(scope='module')
+def hf_real(gguf_path):
+  """transformers' float32 model of the same GGUF file."""
+  return transformers.AutoModelForCausalLM.from_pretrained(
       gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+
+
+def test_real_270m_batch_greedy_equals_transformers(real, hf_real):
+  _, tok, _, out = real
+  hf = hf_real
   for prompt, c in zip(REAL_PROMPTS, out):
     ids = tok.encode(prompt)
     with torch.no_grad():
@@ -294,3 +368,25 @@ def test_real_stop_string(real):
   for i, c in enumerate(stream.result):
     assert ''.join(p[i] for p in pieces) == c.text
   assert stream.result[2].text == stopped.text
+
+
+def test_real_logprobs_equal_transformers(real, hf_real):
+  """16 greedy tokens with return_logprobs and top_logprobs=4: each token's log-prob and the
+  top 4 alternatives equal transformers' float32 log_softmax over the same tokens (<= 1e-4)."""
+  _, tok, s, out = real
+  got = s.sample(REAL_PROMPTS, 16, return_logprobs=True, top_logprobs=4)
+  for prompt, c, full in zip(REAL_PROMPTS, got, out):
+    assert c.tokens == full.tokens[:len(c.tokens)]
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+      logits = hf_real(torch.tensor([ids + c.tokens])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)[len(ids) - 1:len(ids) - 1 + len(c.tokens)].numpy()
+    assert len(c.logprobs) == len(c.tokens) == len(c.top_logprobs)
+    np.testing.assert_allclose(c.logprobs, logp[np.arange(len(c.tokens)), c.tokens], rtol=0,
+                               atol=1e-4)
+    top_ids = np.array([[t for t, _ in step] for step in c.top_logprobs])
+    top_vals = np.array([[v for _, v in step] for step in c.top_logprobs])
+    np.testing.assert_array_equal(top_ids, np.argsort(-logp, axis=-1)[:, :4])
+    np.testing.assert_allclose(top_vals, np.sort(logp, axis=-1)[:, ::-1][:, :4], rtol=0,
+                               atol=1e-4)
+    assert top_ids[:, 0].tolist() == c.tokens  # greedy: the most likely token
