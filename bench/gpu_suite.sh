@@ -23,6 +23,12 @@
 #              QUANT_SAMPLE="--preset tiny-gemma1 --dtype bfloat16 --batch 1,16 --new_tokens 8
 #              --modes float,int8:16,int4:16 --repeats 1 --bandwidth_mib 64" PYTHON=.venv/bin/python
 #              bash bench/gpu_suite.sh /tmp/out quant
+#   grpo       bench/grpo_bench.py: a GRPO job (configs/gemma3_270m_grpo.py's task, LoRA) in gemma3-1b
+#              shapes with random bf16 weights, 8 prompts x 8 completions per step: rollout vs
+#              update seconds per step (about 4 minutes; needs grain and ml_collections, e.g. from
+#              .whl/). GRPO_BENCH replaces the flags; on CPU in about a minute:
+#              GRPO_BENCH="--preset tiny-gemma3 --steps 3" PYTHON=.venv/bin/python
+#              bash bench/gpu_suite.sh /tmp/out grpo
 # Packages missing on a bare GPU image (ml_collections, grain, ...) can be put as wheels in .whl/.
 set -u
 export PYTHONUNBUFFERED=1
@@ -91,4 +97,11 @@ if want quant; then
   echo "== quantized decoding: $QUANT =="
   # shellcheck disable=SC2086  # the flags are meant to split
   timeout 420 $PY bench/quant_bench.py $QUANT 2>&1 | tee "$OUTDIR/quant.log"
+fi
+
+if want grpo; then
+  GRPO=${GRPO_BENCH:-"--preset gemma3-1b --dtype bfloat16 --steps 6 --batch 8"}
+  echo "== GRPO step split (rollout vs update): $GRPO =="
+  # shellcheck disable=SC2086  # the flags are meant to split
+  timeout 400 $PY bench/grpo_bench.py $GRPO 2>&1 | tee "$OUTDIR/grpo.log"
 fi

@@ -1,5 +1,5 @@
 """Token cross-entropy for SFT (over whole logits, or fused with the output head in chunks), and
-per-sequence log-probabilities for preference losses.
+per-token and per-sequence log-probabilities for the preference and RL losses.
 
 The output head of a 256K-vocabulary model makes the biggest activation of a training step: the
 float32 logits [B, T, V] (16.8 GB for 8 x 2048 tokens), kept for the backward pass together with
@@ -44,9 +44,14 @@ def sequence_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax
                       ) -> tuple[jax.Array, jax.Array]:
   """Float32 log-probability of each row's targets where `mask_BT` is 1, summed per row, and
   the number of those targets: `(logp_B, count_B)` (the sequence scores of preference losses)."""
-  loss_BT = _token_stats(logits_BTV.astype(jnp.float32), targets_BT)[0]
   mask_BT = mask_BT.astype(jnp.float32)
-  return -jnp.sum(loss_BT * mask_BT, axis=-1), jnp.sum(mask_BT, axis=-1)
+  return jnp.sum(token_logprobs(logits_BTV, targets_BT) * mask_BT, axis=-1), jnp.sum(mask_BT,
+                                                                                   axis=-1)
+
+
+def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Float32 log-probability of each target under the logits: log_softmax gathered, [B, T]."""
+  return -_token_stats(logits_BTV.astype(jnp.float32), targets_BT)[0]
 
 
 def _token_stats(logits_BTV, targets_BT):

@@ -73,6 +73,8 @@ class MetricsWriter:
     line = (f'step {step}/{self.total_steps}  loss {record["loss"]:.4f}  '
             f'lr {record.get("learning_rate", float("nan")):.2e}  '
             f'grad_norm {record.get("grad_norm", float("nan")):.3f}')
+    if 'reward' in record:  # an RL objective's headline
+      line += f'  reward {record["reward"]:.3f}'
     if self._last_time is not None and step > self._last_step:
       dt = (now - self._last_time) / (step - self._last_step)
       record['step_time_s'] = dt
@@ -121,7 +123,8 @@ def read_metric(workdir: str, key: str, step: int) -> float:
 
 
 def plot_loss_curve(workdir: str) -> str | None:
-  """Draws train (and eval) loss against step from metrics.jsonl into WORKDIR/loss_curve.png."""
+  """Draws train (and eval) loss against step from metrics.jsonl into WORKDIR/loss_curve.png (for
+  an RL objective, whose loss is no measure of progress, the mean reward instead)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return None
@@ -129,22 +132,23 @@ def plot_loss_curve(workdir: str) -> str | None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  train, evals = [], []
   with open(path) as f:
-    for line in f:
-      r = json.loads(line)
-      if 'loss' in r:
-        train.append((r['step'], r['loss']))
-      if 'eval_loss' in r:
-        evals.append((r['step'], r['eval_loss']))
+    records = [json.loads(line) for line in f]
+  key = 'reward' if any('reward' in r for r in records) else 'loss'
+  train = [(r['step'], r[key]) for r in records if key in r]
+  evals = [(r['step'], r[f'eval_{key}']) for r in records if f'eval_{key}' in r]
   fig, ax = plt.subplots(figsize=(7, 4))
   if train:
-    ax.plot(*zip(*train), label='train loss')
+    ax.plot(*zip(*train), label=f'train {key}')
   if evals:
-    ax.plot(*zip(*evals), 'o-', label='eval loss')
+    ax.plot(*zip(*evals), 'o-', label=f'eval {key}')
   ax.set_xlabel('step')
-  ax.set_ylabel('cross-entropy (nats / target token)')
-  ax.set_yscale('log')
+  if key == 'loss':
+    ax.set_ylabel('loss (cross-entropy: nats / target token)')
+  else:
+    ax.set_ylabel('mean reward')
+  if all(v > 0 for _, v in train + evals):
+    ax.set_yscale('log')
   ax.grid(True, alpha=0.3)
   ax.legend()
   fig.tight_layout()

@@ -5,10 +5,25 @@ Config reference (every key; configs/*.py start from `base_config()` and overrid
   log_every, eval_every (0 = no eval), eval_batches (held-out batches per eval),
   checkpoint_every, keep_checkpoints (the newest intact train-state checkpoints kept).
   objective           'sft' (supervised fine-tuning) | 'dpo' (preference pairs, config.dpo.*;
-                      gemma_jax.objectives)
+                      gemma_jax.objectives) |
   dpo.loss            'sigmoid' (DPO) | 'ipo' | 'simpo' (reference-free); dpo.beta (> 0),
                       dpo.label_smoothing (conservative DPO / SimPO, in [0, 0.5)),
                       dpo.simpo_gamma (SimPO's target margin)
+                      'grpo' (RL with verifiable rewards: prompts, sampled completions, reward
+                      functions; gemma_jax.objectives.grpo, gemma_jax.rollouts); batch_size is
+                      then prompts per step, each sampled grpo.num_generations (G >= 2) times
+  grpo.loss_type      'grpo' | 'dr_grpo' | 'dapo' (TRL's default): how per-token losses add up;
+                      grpo.beta (KL to the initial weights, 0 = none), grpo.epsilon and
+                      grpo.epsilon_high (-1 = epsilon; the clip range), grpo.num_iterations (steps
+                      per batch of rollouts; divides steps and checkpoint_every),
+                      grpo.temperature (> 0), grpo.top_k, grpo.top_p, grpo.max_completion_length
+                      (tokens; prompt + completion must fit seq_len + 1), grpo.scale_rewards
+                      'group' | 'batch' | 'none', grpo.rewards (names: gemma_jax.rewards'
+                      built-ins or 'module:function'), grpo.reward_weights (one per reward),
+                      grpo.format_pattern (the 'format' reward's regex), grpo.raw_prompt
+                      (True: a record's 'prompt' is plain text after BOS, no chat turns: for base
+                      models and few-shot prompts), grpo.stop_strings (completions also end at
+                      these, e.g. ('\\n',); always at <end_of_turn> and <eos>)
   loss_chunk          0 = the loss reads whole [B, T, V] logits; n > 0 = the output head is fused
                       into the loss, n tokens at a time (gemma_jax.loss: saves the logits' memory;
                       objective 'sft' only)
@@ -67,7 +82,7 @@ from gemma_jax import optim
 from gemma_jax import quant
 from gemma_jax import sharding
 from gemma_jax.attention import ATTENTION_IMPLS
-from gemma_jax.objectives import dpo
+from gemma_jax.objectives import dpo, grpo
 from gemma_jax.transformer import REMAT_POLICIES, Transformer
 
 if TYPE_CHECKING:
@@ -105,6 +120,11 @@ def defaults() -> dict[str, Any]:
       'log_every': 10, 'eval_every': 200, 'eval_batches': 20, 'checkpoint_every': 200,
       'keep_checkpoints': 3, 'loss_chunk': 0, 'objective': 'sft',
       'dpo': dict(loss='sigmoid', beta=0.1, label_smoothing=0.0, simpo_gamma=0.5),
+      'grpo': dict(loss_type='dapo', beta=0.0, epsilon=0.2, epsilon_high=-1.0,
+                   num_generations=8, num_iterations=1, temperature=1.0, top_k=0, top_p=1.0,
+                   max_completion_length=64, scale_rewards='group', rewards=('exact_match',),
+                   reward_weights=(1.0,), format_pattern='', raw_prompt=False,
+                   stop_strings=()),
       'model': dict(preset='tiny-gemma3', vocab_size=0, init='none', init_path='', tokenizer='',
                     dtype='float32', param_dtype='float32', remat='none', attention='auto',
                     quantize='', quant_group_size=-1, export_quantized=False),
@@ -242,6 +262,54 @@ def _check_objective(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.dpo.beta={c.dpo.beta} must be > 0.')
     if not 0 <= c.dpo.label_smoothing < 0.5:
       raise ConfigError(f'config.dpo.label_smoothing={c.dpo.label_smoothing} must be in [0, 0.5).')
+  if c.objective == 'grpo':
+    _check_grpo(c)
+
+
+def _check_grpo(c: ml_collections.ConfigDict) -> None:
+  from gemma_jax import rollouts  # pylint: disable=g-import-not-at-top (imports the sampler)
+  g = c.grpo
+  choices = (('loss_type', grpo.LOSS_TYPES), ('scale_rewards', grpo.SCALE_REWARDS))
+  for key, allowed in choices:
+    if g[key] not in allowed:
+      raise ConfigError(f'config.grpo.{key}={g[key]!r}; expected one of {list(allowed)}.')
+  checks = (
+      ('num_generations', g.num_generations >= 2, 'must be >= 2: advantages compare '
+       'completions of one prompt'),
+      ('num_iterations', g.num_iterations >= 1, 'must be >= 1'),
+      ('beta', math.isfinite(g.beta) and g.beta >= 0, 'must be a finite number >= 0'),
+      ('epsilon', 0 < g.epsilon < 1, 'must be in (0, 1)'),
+      ('epsilon_high', g.epsilon_high == -1 or g.epsilon_high > 0, 'must be > 0 (or -1)'),
+      ('temperature', math.isfinite(g.temperature) and g.temperature > 0, 'must be > 0'),
+      ('top_k', g.top_k >= 0, 'must be >= 0'),
+      ('top_p', 0 < g.top_p <= 1, 'must be in (0, 1]'),
+      ('max_completion_length', 1 <= g.max_completion_length < c.seq_len,
+       f'must be >= 1 and leave room for a prompt in seq_len + 1 = {c.seq_len + 1} tokens'),
+      ('reward_weights', len(g.reward_weights) == len(g.rewards) and len(g.rewards) > 0,
+       f'needs one weight per reward (grpo.rewards={list(g.rewards)})'),
+      ('stop_strings', all(isinstance(s, str) and s for s in g.stop_strings),
+       'must be non-empty strings'))
+  for key, ok, text in checks:
+    if not ok:
+      raise ConfigError(f'config.grpo.{key}={g[key]!r} {text}.')
+  for key in ('steps', 'checkpoint_every'):
+    if c[key] % g.num_iterations:
+      raise ConfigError(f'config.{key}={c[key]} must be a multiple of config.grpo.num_iterations='
+                        f'{g.num_iterations} (checkpoints fall between two batches of rollouts).')
+  if c.exact_match.examples:
+    raise ConfigError("config.exact_match.examples is for 'sft' and 'dpo'; objective 'grpo' "
+                      'reports the held-out reward (eval_every) instead: set it to 0.')
+  if jax.process_count() > 1:
+    raise ConfigError(f"objective 'grpo' samples in one process; this job has "
+                      f'{jax.process_count()} processes.')
+  max_seq_len = model_config(c).max_seq_len
+  if c.seq_len + 1 > max_seq_len:
+    raise ConfigError(f'config.seq_len={c.seq_len}: rollouts need a cache of seq_len + 1 tokens, '
+                      f'more than the model\'s max_seq_len={max_seq_len}.')
+  try:
+    rollouts.reward_functions(grpo.from_config(c))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _check_batch_fits(c: ml_collections.ConfigDict, mesh: dict[str, int],
@@ -249,16 +317,19 @@ def _check_batch_fits(c: ml_collections.ConfigDict, mesh: dict[str, int],
   """The global batch must split evenly over the processes and the mesh axes that shard it; a
   resumed job on another slice keeps its batch_size, so this is where a mismatch is caught."""
   n = jax.process_count()
+  rows = c.batch_size * (c.grpo.num_generations if c.objective == 'grpo' else 1)
   if c.batch_size % n:
     raise ConfigError(f'config.batch_size={c.batch_size} does not split evenly over the {n} '
                       'processes of this job; keep the global batch size by running on a process '
                       'count that divides it.')
   axes = [a for a in rules.batch if mesh.get(a, 1) > 1]
   shards = math.prod(mesh[a] for a in axes)
-  if c.batch_size % shards:
-    raise ConfigError(f'config.batch_size={c.batch_size} does not split evenly over the {shards} '
-                      f'batch shards of the mesh ({" x ".join(f"{a}={mesh[a]}" for a in axes)}, '
-                      f'{jax.device_count()} devices); choose config.mesh so that they divide it.')
+  if rows % shards:
+    in_rows = f' ({rows} rows)' if rows != c.batch_size else ''
+    raise ConfigError(f'config.batch_size={c.batch_size}{in_rows} does not split evenly over the '
+                      f'{shards} batch shards of the mesh '
+                      f'({" x ".join(f"{a}={mesh[a]}" for a in axes)}, {jax.device_count()} '
+                      'devices); choose config.mesh so that they divide it.')
 
 
 def model_config(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:

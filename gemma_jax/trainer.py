@@ -10,8 +10,9 @@ k-times larger batch. The steps enter their mesh and rules themselves while trac
 `train(config, workdir)` runs the whole job as a short sequence of steps, each in the module that
 owns it: the config (train_config), the objective with its loss and batches (objectives), the
 model and tokenizer (initial_weights), the train state (train_state), checkpoints
-(train_checkpoints; the final export: checkpoint), stopping on a signal (preemption) and
-evaluation (evaluate). gemma_jax/train_config.py lists every config key.
+(train_checkpoints; the final export: checkpoint), stopping on a signal (preemption), evaluation
+(evaluate) and, for an objective that learns from its own samples (GRPO), the rollouts that make
+its batches (rollouts). gemma_jax/train_config.py lists every config key.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from gemma_jax import initial_weights
 from gemma_jax import metrics as metrics_lib
 from gemma_jax import objectives
 from gemma_jax import preemption
+from gemma_jax import rollouts as rollouts_lib
 from gemma_jax import sharding
 from gemma_jax import train_config
 from gemma_jax import train_state
@@ -202,8 +204,8 @@ def _say(text: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the job described by `config` in `workdir` (its objective: SFT, DPO; see
-  gemma_jax.objectives); returns final metrics.
+  """Runs (or resumes) the job described by `config` in `workdir` (its objective: SFT, DPO,
+  GRPO; see gemma_jax.objectives); returns final metrics.
 
   Returns {'train': last step's metrics, 'eval': last held-out metrics (and exact match before
   and after when configured), 'export_dir': the params-only checkpoint for sample.py}. SIGTERM
@@ -232,6 +234,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   plan = train_state.plan_train_state(mc, config, mesh, rules)
   train_iter = iter(_dataset(objective, config, tokenizer, 'train'))
   held_out = evaluate.exact_match_examples(config)
+  graphdef, rest = plan.graphdef, plan.rest
+  rollouts = None  # a sampling objective's batches (gemma_jax.rollouts)
+  if objective.samples:
+    logps = rollouts_lib.policy_logps_fn(objective, graphdef, rest, mesh, rules)
+    rollouts = rollouts_lib.Rollouts(objective, train_iter, tokenizer, seq_len=config.seq_len,
+                                     seed=config.seed, policy_logps=lambda batch: logps(
+                                         state['params'], state.get('frozen'), batch))
+    rollouts.check_rewards(next(iter(_dataset(objective, config, tokenizer, 'train')))[0])
+    train_iter = rollouts
   if held_out and jax.process_count() > 1:
     _say('Exact-match evaluation skipped: the Sampler runs in one process, and this job has '
          f'{jax.process_count()}. Sample from WORKDIR/final afterwards.')
@@ -248,7 +259,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   if plan.lora:
     _say(f'LoRA rank {config.lora.rank}, alpha {config.lora.alpha:g}: {plan.describe_lora()}')
 
-  graphdef, rest = plan.graphdef, plan.rest
   step_fn = jit_train_step(
       make_train_step(graphdef, rest, plan.tx, plan.schedule, mesh=mesh, rules=rules,
                       grad_accum_steps=config.optimizer.grad_accum_steps, objective=objective),
@@ -256,14 +266,28 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   eval_fn = jax.jit(make_eval_step(graphdef, rest, objective=objective, mesh=mesh, rules=rules))
   start = int(jax.device_get(state['step']))
   writer = metrics_lib.MetricsWriter(workdir, config.steps, start,
-                                     tokens_per_step=config.batch_size * config.seq_len,
+                                     tokens_per_step=config.batch_size * config.seq_len *
+                                     objective.rows_per_example,
                                      enabled=distributed.is_main_process())
 
   def model_of(state):
     return nnx.merge(graphdef, state['params'], *([state['frozen']] if plan.lora else []), rest)
 
+  def next_batch(step: int):
+    """(this step's batch, its host-side metrics): read, or sampled from the current weights."""
+    if rollouts is None:
+      return next(train_iter), {}
+    return rollouts.batch(step, model_of(state))
+
   def run_eval(step: int) -> dict[str, float]:
     batches = iter(_dataset(objective, config, tokenizer, 'eval'))
+    if objective.samples:
+      result = rollouts_lib.held_out_rewards(
+          model_of(state), tokenizer, itertools.islice(batches, config.eval_batches), objective,
+          cache_length=config.seq_len + 1, seed=config.seed)
+      if result:
+        _say(writer.log_eval(step, result))
+      return result
     result = evaluate.held_out_loss(eval_fn, state['params'],
                                     itertools.islice(batches, config.eval_batches), mesh, rules,
                                     state.get('frozen'), state.get('reference'),
@@ -309,8 +333,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     raise stop(start, saved=False)
   try:
     for step in range(start + 1, config.steps + 1):
-      batch = next(train_iter)
+      batch, host_metrics = next_batch(step)
       state, step_metrics = step_fn(state, distributed.put_batch(batch, mesh, rules))
+      step_metrics = {**step_metrics, **host_metrics}
       if step == start + 1:
         jax.block_until_ready(step_metrics)
         _say(f'First step compiled and ran in {time.time() - t0:.1f}s.')
@@ -323,7 +348,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
         last_eval = run_eval(step)
         writer.mark_start(step)
-      if step < config.steps and signals.should_stop():
+      # (Objectives that reuse a batch for several steps stop after its last.)
+      if (step < config.steps and step % objective.batch_reuse == 0
+          and signals.should_stop()):
         if pending is not None:
           save(step, wait=True)
         checkpoints.wait()

@@ -585,39 +585,89 @@ def test_qlora_train_steps_on_a_mesh_equal_single_device():
   assert losses[1] != losses[0]
 
 
+def _objective_steps(objective, batches, names, mesh=None):
+  """(metrics [steps, names], final state) of the trainer's jitted steps of `objective` (full
+  fine-tuning with a frozen reference copy, AdamW) over `batches`: on one device, or on `mesh`
+  with 2 micro-batches."""
+  from gemma_jax import train_state, trainer
+  graphdef, params, rest = nnx.split(make_model(), nnx.Param, ...)
+  tx = optax.adamw(1e-2)
+  step = trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-2),
+                                 grad_accum_steps=1 if mesh is None else 2,
+                                 objective=objective, mesh=mesh)
+  state = train_state.init_state(params, tx, 0, reference=True)
+  abstract = jax.eval_shape(lambda: state)
+  fn = jax.jit(step) if mesh is None else trainer.jit_train_step(step, mesh, abstract)
+  if mesh is not None:
+    state = jax.device_put(state, train_state.state_shardings(mesh, abstract))
+  out = []
+  with sh.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    for b in batches:
+      state, metrics = fn(state, b if mesh is None else dist.put_batch(b, mesh))
+      out.append([float(metrics[k]) for k in names])
+  return np.array(out), state
+
+
 def test_dpo_train_steps_on_a_mesh_equal_single_device():
   """The DPO objective (full fine-tuning: the state carries a frozen reference copy) through the
   trainer's jitted step on (2,2,2) with 2 micro-batches: the same losses, reward margins and
   params as one device; the reference stays bit-identical."""
-  from gemma_jax import train_state, trainer
   from gemma_jax.objectives.dpo import DPO
-  graphdef, params, rest = nnx.split(make_model(), nnx.Param, ...)
-  tx = optax.adamw(1e-2)
-  objective = DPO(beta=0.5)
   # [P, 2, T] pairs: rows 2p and 2p+1 of a packed batch as chosen and rejected.
   pairs = [{k: v.reshape(BATCH // 2, 2, LENGTH) for k, v in make_batch(i).items()}
            for i in range(2)]
-
-  def run(mesh):
-    step = trainer.make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-2),
-                                   grad_accum_steps=1 if mesh is None else 2,
-                                   objective=objective, mesh=mesh)
-    state = train_state.init_state(params, tx, 0, reference=True)
-    abstract = jax.eval_shape(lambda: state)
-    fn = jax.jit(step) if mesh is None else trainer.jit_train_step(step, mesh, abstract)
-    if mesh is not None:
-      state = jax.device_put(state, train_state.state_shardings(mesh, abstract))
-    out = []
-    with sh.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      for b in pairs:
-        state, metrics = fn(state, b if mesh is None else dist.put_batch(b, mesh))
-        out.append([float(metrics[k]) for k in ('loss', 'reward_margin', 'pairs')])
-    return np.array(out), state
-
-  want, want_state = run(None)
+  names = ('loss', 'reward_margin', 'pairs')
+  want, want_state = _objective_steps(DPO(beta=0.5), pairs, names)
   assert want[0, 0] == np.float32(np.log(2.0)) and want[1, 1] != 0.0
-  got, got_state = run(sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2}))
+  got, got_state = _objective_steps(DPO(beta=0.5), pairs, names,
+                                    sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2}))
   # The margin is a difference of sequence log-probs of ~-30: compare it absolutely.
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert_trees_close(got_state['params'], want_state['params'], rtol=1e-5)
-  assert_trees_close(got_state['reference'], params, rtol=0)
+  assert_trees_close(got_state['reference'], want_state['reference'], rtol=0)
+  assert_trees_close(want_state['reference'], nnx.split(make_model(), nnx.Param, ...)[1], rtol=0)
+
+
+@pytest.mark.parametrize('loss_type', ['grpo', 'dapo'])
+def test_grpo_train_steps_on_a_mesh_equal_single_device(loss_type):
+  """The GRPO objective (full fine-tuning with a KL to the frozen reference copy, clipped ratios
+  against old log-probs) through the trainer's jitted step on (2,2,2) with 2 micro-batches: the
+  same losses, KL, clipped fractions and params as one device."""
+  from gemma_jax.objectives.grpo import GRPO
+  objective = GRPO(loss_type=loss_type, beta=0.04, epsilon_high=0.28, temperature=0.7,
+                   max_completion_length=LENGTH)
+  rng = np.random.default_rng(0)
+  batches = []
+  for i in range(2):
+    b = make_batch(i)
+    mask = b['loss_mask']
+    b['advantages'] = rng.normal(size=(BATCH, 1)).astype(np.float32) * mask
+    b['old_logps'] = (rng.normal(-5, 1, size=mask.shape) * mask).astype(np.float32)
+    batches.append(b)
+  names = ('loss', 'kl', 'clip_fraction', 'completion_tokens')
+  want, want_state = _objective_steps(objective, batches, names)
+  assert want[1, 1] > 0 and want[0, 2] > 0  # the KL and the clipping are at work
+  got, got_state = _objective_steps(objective, batches, names,
+                                    sh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2}))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Params after two AdamW steps: a norm scale of ~0.1 differs by ~1e-6 (summation order).
+  assert_trees_close(got_state['params'], want_state['params'], rtol=1e-4)
+
+
+def test_grpo_job_on_two_meshes_samples_and_learns_the_same(tmp_path):
+  """A whole GRPO job (rollouts sampled from the sharded LoRA model, rewards, 2 steps) on
+  (2,2,2) and on (1,8,1): the same completions every step (the batch CRC), rewards and losses."""
+  from gemma_jax import trainer
+  from test_grpo import grpo_config, _train_values
+
+  def run(name, mesh):
+    c = grpo_config(tmp_path, steps=2, **{f'mesh.{k}': v for k, v in mesh.items()})
+    trainer.train(c, str(tmp_path / name))
+    return _train_values(str(tmp_path / name))
+
+  a = run('a', {'data': 2, 'fsdp': 2, 'tensor': 2})
+  b = run('b', {'data': 1, 'fsdp': 8, 'tensor': 1})
+  assert [r['batch_crc32'] for r in a] == [r['batch_crc32'] for r in b]
+  assert [r['reward'] for r in a] == [r['reward'] for r in b]
+  np.testing.assert_allclose([r['loss'] for r in a], [r['loss'] for r in b], rtol=1e-5,
+                             atol=1e-6)

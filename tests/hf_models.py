@@ -79,3 +79,22 @@ def make_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
 def hf_logits(model, tokens) -> torch.Tensor:
   with torch.no_grad():
     return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def save_reference_and_policy(mktemp, family: str = 'gemma3', noise: float = 0.02):
+  """(vocab size, {'reference': dir, 'policy': dir}): a random HF model saved with
+  `save_pretrained` as the reference, and again with N(0, noise) added to every weight as the
+  policy (`mktemp(name)` makes a directory, e.g. tmp_path_factory.mktemp): the two models of a
+  preference or RL loss test."""
+  import copy  # pylint: disable=g-import-not-at-top
+  ref = make_hf_model(family)
+  policy = copy.deepcopy(ref)
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for p in policy.parameters():
+      p.add_(noise * torch.randn_like(p))
+  dirs = {}
+  for name, model in (('reference', ref), ('policy', policy)):
+    dirs[name] = str(mktemp(name))
+    model.save_pretrained(dirs[name])
+  return ref.config.vocab_size, dirs

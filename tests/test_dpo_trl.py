@@ -17,7 +17,6 @@ ids[:-1], targets = ids[1:], loss_mask 1 on targets that are reply tokens (so lo
 completion_mask[t + 1]), positions 0..n-2, segment_ids 1 on the row and 0 on padding.
 """
 
-import copy
 import math
 import types
 
@@ -37,7 +36,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from gemma_jax import trainer
 from gemma_jax.convert import hf_tensors_from_model, load_hf
 from gemma_jax.objectives.dpo import DPO, preference_losses
-from hf_models import make_hf_model
+from hf_models import save_reference_and_policy
 
 PAD, EOS, BOS = 0, 1, 2  # the HF Gemma config's ids
 # (prompt length, chosen length, rejected length) of each pair, <eos> not counted.
@@ -81,17 +80,7 @@ def _our_batch(pairs) -> dict[str, np.ndarray]:
 @pytest.fixture(scope='module')
 def case(tmp_path_factory):
   """The saved reference and policy, the pairs, TRL's tokenizer and dataset, our batch."""
-  ref = make_hf_model('gemma3')
-  policy = copy.deepcopy(ref)
-  torch.manual_seed(1)
-  with torch.no_grad():
-    for p in policy.parameters():
-      p.add_(0.02 * torch.randn_like(p))
-  dirs = {}
-  for name, model in (('reference', ref), ('policy', policy)):
-    dirs[name] = str(tmp_path_factory.mktemp(name))
-    model.save_pretrained(dirs[name])
-  V = ref.config.vocab_size
+  V, dirs = save_reference_and_policy(tmp_path_factory.mktemp)
   rng = np.random.default_rng(0)
   draw = lambda n: [int(i) for i in rng.integers(3, V, n)]  # no <pad>, <eos>, <bos>
   pairs = [(draw(p), draw(c), draw(r)) for p, c, r in LENGTHS]

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from gemma_jax import checkpoint, preemption, trainer
-from test_trainer import override
+from test_trainer import TOKENIZER, _lines, override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
@@ -50,7 +50,8 @@ def _load_config(path, overrides):
 def _train_records(workdir):
   """Per-step training metrics, without the wall-clock ones."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [{k: v for k, v in r.items() if k not in ('step_time_s', 'tokens_per_s')}
+    return [{k: v for k, v in r.items()
+             if k not in ('step_time_s', 'tokens_per_s', 'rollout_seconds')}
             for r in map(json.loads, f) if 'loss' in r]
 
 
@@ -83,12 +84,12 @@ def _final_params(workdir):
                                    nnx.Param))
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path, straight):
-  """8 steps in one go vs. killed (SIGKILL) while saving step 6, then the same command again:
-  the same losses at every step (so the same batches) and bit-identical final params."""
-  overrides, straight = straight
+def _sigkill_while_saving_then_rerun(tmp_path, config, overrides, straight, env=None):
+  """Runs train.py with `overrides` (8 steps, checkpoints every 2), SIGKILLed while it saves step
+  6, then the same command again; checks the rerun resumed at step 4 and that its metrics and
+  final params equal the uninterrupted run in `straight` bit for bit."""
   workdir = str(tmp_path / 'killed')
-  args = _flags(QUICKSTART, workdir, overrides)
+  args = _flags(config, workdir, overrides)
   killer = (
       'import os, runpy, signal, sys\n'
       'from gemma_jax.train_checkpoints import TrainCheckpoints\n'
@@ -101,7 +102,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, straight):
       f'sys.argv = ["train.py"] + {args!r}\n'
       'runpy.run_path("train.py", run_name="__main__")\n')
   # The killed and the resumed process run the same programs: share their compilations.
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+  env = dict(os.environ, **(env or {}), JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   result = _run(['-c', killer], env=env)
   assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
@@ -119,6 +120,47 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, straight):
   assert _train_records(workdir) == _train_records(straight)
   for x, y in zip(_final_params(straight), _final_params(workdir), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, straight):
+  """8 steps in one go vs. killed (SIGKILL) while saving step 6, then the same command again:
+  the same losses at every step (so the same batches) and bit-identical final params."""
+  overrides, straight = straight
+  _sigkill_while_saving_then_rerun(tmp_path, QUICKSTART, overrides, straight)
+
+
+def _tiny(tmp_path):
+  """Overrides that turn a real-model config into a tiny random model with the quickstart
+  tokenizer, 8 steps, checkpoints every 2."""
+  return {'steps': 8, 'model.preset': 'tiny-gemma1', 'model.init': 'none', 'model.init_path': '',
+          'model.vocab_size': 128, 'model.tokenizer': TOKENIZER, 'checkpoint_every': 2,
+          'keep_checkpoints': 3, 'log_every': 1, 'eval_every': 0, 'learning_rate': 1e-2,
+          'optimizer.warmup_steps': 2}
+
+
+@pytest.mark.parametrize('objective', ['dpo', 'grpo'])
+def test_post_training_resumes_after_sigkill_bit_identically(tmp_path, objective):
+  """The same SIGKILL-while-saving test for the DPO job (full fine-tuning: its frozen reference
+  copy is re-read on resume) and the GRPO job (LoRA; the rollouts of the resumed steps are
+  sampled again, from the restored weights with the step's seed)."""
+  if objective == 'dpo':
+    train = tmp_path / 'pairs.jsonl'
+    train.write_text(''.join(_lines(os.path.join(ROOT, 'data', 'preference_train.jsonl'), 16)))
+    overrides = dict(_tiny(tmp_path), **{'batch_size': 4, 'seq_len': 32, 'lora.rank': 0,
+                                          'data.path': str(train)})
+  else:
+    prompts = tmp_path / 'prompts.jsonl'
+    prompts.write_text(''.join(json.dumps({'prompt': f'{i} + 1 =', 'answer': str(i + 1)}) + '\n'
+                               for i in range(16)))
+    overrides = dict(_tiny(tmp_path), **{'batch_size': 2, 'seq_len': 24,
+                                          'data.path': str(prompts),
+                                          'grpo.num_generations': 4,
+                                          'grpo.max_completion_length': 6,
+                                          'grpo.format_pattern': '.*a.*'})
+  config = os.path.join(ROOT, 'configs', f'gemma3_270m_{objective}.py')
+  straight = str(tmp_path / 'straight')
+  trainer.train(_load_config(config, overrides), straight)
+  _sigkill_while_saving_then_rerun(tmp_path, config, overrides, straight)
 
 
 def test_sharded_training_equals_one_device(tmp_path, straight):

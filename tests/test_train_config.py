@@ -83,7 +83,8 @@ def test_unknown_and_bad_config_keys():
 
 
 @pytest.mark.parametrize('name', ['quickstart', 'gemma3_270m_sft', 'gemma3_270m_lora',
-                                  'gemma3_270m_dpo', 'gemma1_2b_sft', 'gemma1_7b_sft'])
+                                  'gemma3_270m_dpo', 'gemma3_270m_grpo', 'gemma1_2b_sft',
+                                  'gemma1_7b_sft'])
 def test_shipped_configs_are_valid(name):
   import importlib.util
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
@@ -100,8 +101,8 @@ def test_shipped_configs_are_valid(name):
   assert model.config.name == c.model.preset
 
 
-CONFIGS = ['quickstart', 'gemma3_270m_sft', 'gemma3_270m_lora', 'gemma3_270m_dpo', 'gemma1_2b_sft',
-           'gemma1_7b_sft']
+CONFIGS = ['quickstart', 'gemma3_270m_sft', 'gemma3_270m_lora', 'gemma3_270m_dpo',
+           'gemma3_270m_grpo', 'gemma1_2b_sft', 'gemma1_7b_sft']
 
 
 def _literal_settings(name):

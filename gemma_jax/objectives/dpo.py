@@ -87,6 +87,9 @@ class DPO:
   name = NAME
   count_name = 'pairs'
   eval_before_training = True  # held-out reward metrics before -> after
+  samples = False
+  batch_reuse = 1
+  rows_per_example = 2  # a pair: chosen and rejected
 
   @property
   def needs_reference(self) -> bool:

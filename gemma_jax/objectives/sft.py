@@ -30,6 +30,9 @@ class SFT:
   count_name = 'target_tokens'  # what `count` counts, as logged
   needs_reference = False  # no reference model
   eval_before_training = False  # held-out metrics at step 0 too
+  samples = False  # batches come from the data pipeline, not from the Sampler
+  batch_reuse = 1  # optimizer steps per batch
+  rows_per_example = 1  # batch rows per unit of batch_size
 
   def count(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     """The target tokens of the whole batch (at least 1)."""
