@@ -4,14 +4,14 @@ Config reference (every key; configs/*.py start from `base_config()` and overrid
   steps, batch_size (global, per optimizer step), seq_len, learning_rate (peak), seed,
   log_every, eval_every (0 = no eval), eval_batches (held-out batches per eval),
   checkpoint_every, keep_checkpoints (the newest intact train-state checkpoints kept).
-  objective           'sft' (supervised fine-tuning) | 'dpo' (preference pairs, config.dpo.*;
-                      gemma_jax.objectives) |
+  objective           'sft' (supervised fine-tuning) | 'dpo' (preference pairs, config.dpo.*) |
+                      'grpo' (RL with verifiable rewards: prompts, sampled completions, reward
+                      functions, config.grpo.*; gemma_jax.rollouts); gemma_jax.objectives. For
+                      'dpo' batch_size counts pairs, for 'grpo' prompts (each sampled
+                      grpo.num_generations = G >= 2 times)
   dpo.loss            'sigmoid' (DPO) | 'ipo' | 'simpo' (reference-free); dpo.beta (> 0),
                       dpo.label_smoothing (conservative DPO / SimPO, in [0, 0.5)),
                       dpo.simpo_gamma (SimPO's target margin)
-                      'grpo' (RL with verifiable rewards: prompts, sampled completions, reward
-                      functions; gemma_jax.objectives.grpo, gemma_jax.rollouts); batch_size is
-                      then prompts per step, each sampled grpo.num_generations (G >= 2) times
   grpo.loss_type      'grpo' | 'dr_grpo' | 'dapo' (TRL's default): how per-token losses add up;
                       grpo.beta (KL to the initial weights, 0 = none), grpo.epsilon and
                       grpo.epsilon_high (-1 = epsilon; the clip range), grpo.num_iterations (steps

@@ -238,6 +238,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   rollouts = None  # a sampling objective's batches (gemma_jax.rollouts)
   if objective.samples:
     logps = rollouts_lib.policy_logps_fn(objective, graphdef, rest, mesh, rules)
+    # (`state`, below, is read when a rollout needs pi_old: the loop's current train state.)
     rollouts = rollouts_lib.Rollouts(objective, train_iter, tokenizer, seq_len=config.seq_len,
                                      seed=config.seed, policy_logps=lambda batch: logps(
                                          state['params'], state.get('frozen'), batch))

@@ -160,6 +160,17 @@ def test_grpo_job_samples_with_the_sampler_and_learns_the_reward(tmp_path):
   assert result['eval']['reward_letter_a'] == result['eval']['reward']
 
 
+def test_grpo_over_a_quantized_base(tmp_path):
+  """QLoRA meets GRPO: int8 base weights, LoRA adapters and a KL to the base. The rollouts sample
+  from the quantized model; at step 1 (adapters zero) the KL is exactly 0, then it grows."""
+  c = grpo_config(tmp_path, steps=2, **{'model.quantize': 'int8', 'model.quant_group_size': 0})
+  workdir = str(tmp_path / 'run')
+  trainer.train(c, workdir)
+  records = _train_values(workdir)
+  assert records[0]['kl'] == 0.0 and records[1]['kl'] > 0.0
+  assert all(np.isfinite(r['loss']) for r in records)
+
+
 def test_preempted_grpo_job_resumes_exactly(tmp_path, monkeypatch):
   """num_iterations=2: one batch of rollouts serves two steps. A SIGTERM while step 3 is fed stops
   the job after step 4 (the batch's last step); the rerun gives the metrics of an uninterrupted
