@@ -70,11 +70,12 @@ def record_to_prompt(record: Any, cfg: Mapping[str, Any],
     turns = record[mf]
     if isinstance(turns, Mapping) and {'role', 'content'} <= set(turns):  # TFDS columns
       turns = [{'role': r, 'content': c} for r, c in zip(turns['role'], turns['content'])]
-    if isinstance(turns, (list, tuple, np.ndarray)) and len(turns) and isinstance(
-        turns[-1], Mapping) and _text(turns[-1].get('role', ''), where, 'role') in (
-            'model', 'assistant'):
+    if isinstance(turns, (list, tuple, np.ndarray)) and not len(turns):
+      raise ValueError(f"{where}: '{mf}' is empty; it must end with a user turn (the prompt).")
+    if isinstance(turns, (list, tuple, np.ndarray)) and isinstance(turns[-1], Mapping) and (
+        (last := _text(turns[-1].get('role', ''), where, 'role')) != 'user'):
       raise ValueError(f"{where}: '{mf}' must end with a user turn (the prompt to complete), "
-                       'it ends with a model turn.')
+                       f'it ends with a {last!r} turn.')
     # The chat format's rule checks the turns, given a model turn to complete them.
     with_reply = ([*turns, {'role': 'model', 'content': '-'}]
                   if isinstance(turns, (list, tuple, np.ndarray)) else turns)
@@ -86,6 +87,8 @@ def record_to_prompt(record: Any, cfg: Mapping[str, Any],
   else:
     raise ValueError(f"{where}: record has neither '{mf}' nor '{pf}' (its fields: "
                      f'{sorted(record)}); set data.messages_field or data.prompt_field.')
+  if not messages or messages[-1]['role'] != 'user':
+    raise ValueError(f"{where}: '{mf}' must end with a user turn (the prompt to complete).")
   if not messages[-1]['content'].strip():
     raise ValueError(f'{where}: the prompt is empty.')
   return messages, {k: _value(v) for k, v in record.items() if k != used}

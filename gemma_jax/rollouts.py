@@ -26,7 +26,6 @@ rollout_seconds (sampling, rewards and old log-probs; 0 on a step that reuses it
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -170,10 +169,8 @@ class Rollouts:
     batch['advantages'] = advantages[:, None] * batch['loss_mask']
     if self.objective.batch_reuse > 1:
       batch['old_logps'] = np.asarray(self._policy_logps(batch), np.float32) * batch['loss_mask']
-    crc = 0
-    for key in ('tokens', 'loss_mask', 'segment_ids'):
-      crc = zlib.crc32(np.ascontiguousarray(batch[key]).tobytes(), crc)
-    self.fingerprint = crc
+    from gemma_jax.data import batch_fingerprint  # pylint: disable=g-import-not-at-top (grain)
+    self.fingerprint = batch_fingerprint(batch)
     self.last = {'prompts': prompts, 'completions': completions, 'rewards': total,
                  'advantages': advantages, 'seed': rollout_seed(self._seed, step)}
     metrics = reward_metrics(total, per_fn, g)

@@ -6,12 +6,12 @@ tests/_sharded_cases.py.)"""
 import json
 import os
 import signal
-import zlib
 
 import numpy as np
 import pytest
 
-from gemma_jax import distributed, prompt_data, rewards, rollouts, train_config, trainer
+from gemma_jax import (data, distributed, prompt_data, rewards, rollouts, train_config,
+                       trainer)
 from gemma_jax.objectives import grpo
 from gemma_jax.sampler import Sampler
 from gemma_jax.sampling import SamplingParams
@@ -111,6 +111,9 @@ def test_prompt_records_are_checked_with_their_line(tmp_path):
   cases = [({'answer': 'a'}, "neither 'messages' nor 'prompt'"),
            ({'messages': [{'role': 'user', 'content': 'ab'}, {'role': 'model', 'content': 'x'}]},
             'must end with a user turn'),
+           ({'messages': []}, "'messages' is empty"),
+           ({'messages': [{'role': 'system', 'content': 'x'}]}, 'must end with a user turn'),
+           ({'prompt': ' '}, 'the prompt is empty'),
            ({'prompt': 'ab' * 40}, 'prompt has .* tokens; at most 16 fit')]
   for record, message in cases:
     path = tmp_path / 'p.jsonl'
@@ -146,10 +149,7 @@ def test_grpo_job_samples_with_the_sampler_and_learns_the_reward(tmp_path):
   sampled = Sampler(model, tok, cache_length=c.seq_len + 1).sample(
       ids, 8, sampling=SamplingParams(1.0), seed=rollouts.rollout_seed(c.seed, 1))
   rows = rollouts.train_rows(prompts, sampled, 4, c.seq_len)
-  crc = 0
-  for key in ('tokens', 'loss_mask', 'segment_ids'):
-    crc = zlib.crc32(np.ascontiguousarray(rows[key]).tobytes(), crc)
-  assert first['batch_crc32'] == crc
+  assert first['batch_crc32'] == data.batch_fingerprint(rows)
   assert first['reward'] == pytest.approx(np.mean(letter_a(None, [s.text for s in sampled])))
 
   early = np.mean([r['reward'] for r in records[:3]])
