@@ -76,3 +76,17 @@ class StopSignals:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = multihost_utils.process_allgather(np.array(local, np.int32))
     return bool(np.any(flags))
+
+
+class Preempted(Exception):
+  """The job stopped on SIGTERM/SIGINT after saving a checkpoint at `step` (raised by
+  trainer.train; train.py exits with EXIT_CODE). Rerunning resumes there."""
+
+  def __init__(self, step: int, signal_name: str, directory: str, saved: bool = True):
+    if saved:
+      text = f'after step {step}; its checkpoint is saved in {directory}'
+    else:  # before the first step of this run: nothing new to save
+      text = f'before step {step + 1}; nothing new to save'
+    super().__init__(f'Stopped by {signal_name} {text}. Rerun the same command to resume from '
+                     f'{"step " + str(step) if step else "the start"}.')
+    self.step = step

@@ -36,6 +36,7 @@ from gemma_jax import initial_weights
 from gemma_jax import metrics as metrics_lib
 from gemma_jax import objectives
 from gemma_jax import preemption
+from gemma_jax.preemption import Preempted  # raised by train(); trainer.Preempted
 from gemma_jax import rollouts as rollouts_lib
 from gemma_jax import sharding
 from gemma_jax import train_config
@@ -52,20 +53,6 @@ Batch = Mapping[str, jax.Array]
 
 class NonFiniteLossError(RuntimeError):
   """Raised when a step's loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
-
-
-class Preempted(Exception):
-  """The job stopped on SIGTERM/SIGINT after saving a checkpoint at `step` (see
-  gemma_jax.preemption; train.py exits with preemption.EXIT_CODE). Rerunning resumes there."""
-
-  def __init__(self, step: int, signal_name: str, directory: str, saved: bool = True):
-    if saved:
-      text = f'after step {step}; its checkpoint is saved in {directory}'
-    else:  # before the first step of this run: nothing new to save
-      text = f'before step {step + 1}; nothing new to save'
-    super().__init__(f'Stopped by {signal_name} {text}. Rerun the same command to resume from '
-                     f'{"step " + str(step) if step else "the start"}.')
-    self.step = step
 
 
 # ---------------------------------------------------------------------------------------------
